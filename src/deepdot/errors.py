@@ -1,0 +1,17 @@
+"""Errors that deepdot reports to a person as one line (the CLI turns them into exit code 2)."""
+
+
+class DeepdotError(Exception):
+    """A problem with the user's input or set-up, described in one line.
+
+    The message should name the file or option concerned and what is wrong with it, so the
+    CLI can print it without a traceback.
+    """
+
+
+class DataError(DeepdotError):
+    """A data set could not be read or does not fit (shape, labels, emptiness)."""
+
+
+class ModelError(DeepdotError):
+    """A model file could not be read, is unsafe to read, or does not fit the data."""

@@ -1,0 +1,175 @@
+"""The one model wrapper everything in deepdot talks to.
+
+A :class:`Classifier` takes images as float32 tensors in [0, 1] (N×C×H×W) and returns logits.
+It owns the model's own input preprocessing, the device and eval mode, and gives access to the
+activations of named layers (the mitigations need them). Triggers are therefore always applied
+in pixel space, before preprocessing, as Neural Cleanse does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepdot.errors import ModelError
+
+#: Named preprocessing schemes. Each maps [0, 1] pixels to what the network was trained on.
+PREPROCESS_NAMES = ("raw", "unit", "imagenet", "inception")
+
+Preprocess = str | dict[str, list[float]]
+
+_IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def parse_preprocess(spec: Preprocess) -> Preprocess:
+    """Validate a preprocessing spec: a name from :data:`PREPROCESS_NAMES` or ``{"mean", "std"}``.
+
+    A string of the form ``"mean=0.5,0.5,0.5 std=0.25,0.25,0.25"`` is accepted too (the CLI form).
+    """
+    if isinstance(spec, dict):
+        if set(spec) != {"mean", "std"}:
+            raise ModelError(f"preprocess dict needs exactly 'mean' and 'std', got {sorted(spec)}")
+        mean = [float(v) for v in spec["mean"]]
+        std = [float(v) for v in spec["std"]]
+        if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
+            raise ModelError(f"preprocess mean/std must be non-empty, of equal length, std > 0: {spec}")
+        return {"mean": mean, "std": std}
+    text = str(spec).strip()
+    if text in PREPROCESS_NAMES:
+        return text
+    if text.startswith("mean="):
+        try:
+            parts = dict(p.split("=", 1) for p in text.split())
+            return parse_preprocess(
+                {"mean": [float(v) for v in parts["mean"].split(",")], "std": [float(v) for v in parts["std"].split(",")]}
+            )
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"cannot read preprocess {text!r}: expected 'mean=a,b,c std=d,e,f'") from exc
+    raise ModelError(
+        f"unknown preprocess {text!r}: use one of {', '.join(PREPROCESS_NAMES)} or 'mean=a,b,c std=d,e,f'"
+    )
+
+
+def preprocess_tensor(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """Map [0, 1] pixels (N×C×H×W) to the network's input scale."""
+    if spec == "unit":
+        return x
+    if spec == "raw":
+        return x * 255.0
+    if spec == "inception":
+        return x * 2.0 - 1.0
+    if spec == "imagenet":
+        # Keras/caffe style: RGB -> BGR, 0-255, mean-centred per channel.
+        bgr = x.flip(1) * 255.0
+        mean = torch.tensor(_IMAGENET_BGR_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return bgr - mean
+    assert isinstance(spec, dict)
+    mean = torch.tensor(spec["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+class Classifier(nn.Module):
+    """A network plus everything needed to feed it [0, 1] images.
+
+    Args:
+        network: maps preprocessed N×C×H×W input to logits (N×num_classes).
+        input_shape: (C, H, W) the network expects.
+        num_classes: number of output labels.
+        preprocess: a name from :data:`PREPROCESS_NAMES` or ``{"mean": [...], "std": [...]}``.
+        architecture: registry name of the architecture, if built in (kept for saving).
+        arch_kwargs: keyword arguments the architecture was built with.
+        last_conv_layer / penultimate_layer: names of modules in ``network`` (see
+            :meth:`activations`), used by the mitigations.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        preprocess: Preprocess = "unit",
+        architecture: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        last_conv_layer: str | None = None,
+        penultimate_layer: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.num_classes = int(num_classes)
+        self.preprocess = parse_preprocess(preprocess)
+        self.architecture = architecture
+        self.arch_kwargs = dict(arch_kwargs or {})
+        self.last_conv_layer = last_conv_layer
+        self.penultimate_layer = penultimate_layer
+        self.eval()
+
+    # -- inference -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for [0, 1] images. Shape: N×C×H×W -> N×num_classes."""
+        return self.network(preprocess_tensor(x, self.preprocess))
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Predicted labels (N,) for [0, 1] images, in eval mode, batched."""
+        was_training = self.training
+        self.eval()
+        out = [self(x[i : i + batch_size].to(self.device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+        self.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+    # -- layers ----------------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        """Names of the network's modules, usable with :meth:`activations`."""
+        return [name for name, _ in self.network.named_modules() if name]
+
+    def _module(self, name: str) -> nn.Module:
+        modules = dict(self.network.named_modules())
+        if name not in modules or not name:
+            raise ModelError(f"no layer named {name!r}; layers are: {', '.join(self.layer_names())}")
+        return modules[name]
+
+    @contextmanager
+    def capture(self, name: str) -> Iterator[list[torch.Tensor]]:
+        """Record the output of layer ``name`` on every forward pass inside the ``with`` block."""
+        outputs: list[torch.Tensor] = []
+        handle = self._module(name).register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        try:
+            yield outputs
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def activations(self, x: torch.Tensor, name: str, batch_size: int = 512) -> torch.Tensor:
+        """Output of layer ``name`` for [0, 1] images, concatenated over batches (eval mode)."""
+        was_training = self.training
+        self.eval()
+        with self.capture(name) as outputs:
+            for i in range(0, len(x), batch_size):
+                self(x[i : i + batch_size].to(self.device))
+        self.train(was_training)
+        return torch.cat([o.cpu() for o in outputs])
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata written beside the weights (``model.json``)."""
+        return {
+            "architecture": self.architecture,
+            "arch_kwargs": self.arch_kwargs,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "preprocess": self.preprocess,
+            "last_conv_layer": self.last_conv_layer,
+            "penultimate_layer": self.penultimate_layer,
+        }

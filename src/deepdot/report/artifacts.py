@@ -1,0 +1,95 @@
+"""Files a scan leaves behind: ``scan.json``, per-label PNGs, and the resume checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepdot.io.files import ensure_dir, save_png, write_json
+from deepdot.scan.result import LabelTrigger, ScanResult
+from deepdot.triggers import Trigger
+
+
+def write_label_images(out: Path, item: LabelTrigger) -> None:
+    """``label_<k>_mask.png`` (grey), ``_pattern.png`` and ``_fusion.png`` (mask × pattern), as the
+    reference code saves them."""
+    t = item.trigger
+    save_png(out / f"label_{item.label}_mask.png", t.mask)
+    save_png(out / f"label_{item.label}_pattern.png", t.pattern)
+    save_png(out / f"label_{item.label}_fusion.png", t.pattern * t.mask.unsqueeze(0))
+
+
+def write_scan(out: Path, result: ScanResult, extra: dict[str, Any] | None = None) -> Path:
+    """Write every label's images and ``scan.json``; returns the JSON path."""
+    ensure_dir(out)
+    for item in result.labels:
+        write_label_images(out, item)
+    return write_json(out / "scan.json", {**result.to_dict(), **(extra or {})})
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """Per-label results of an interrupted scan, in ``OUT/.checkpoint``.
+
+    A checkpoint belongs to one *key* (model digest, data, settings); a rerun with another key
+    starts afresh. Each finished label is written atomically as ``label_<k>.npz``.
+    """
+
+    def __init__(self, out: Path, key: dict[str, Any]) -> None:
+        self.folder = out / ".checkpoint"
+        self.key = key
+        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self) -> dict[int, LabelTrigger]:
+        """Labels already done under the same key (empty if none, or if the key differs)."""
+        key_file = self.folder / "key.json"
+        if not key_file.exists():
+            return {}
+        try:
+            if json.loads(key_file.read_text()).get("digest") != self.digest:
+                return {}
+        except (OSError, json.JSONDecodeError):
+            return {}
+        done: dict[int, LabelTrigger] = {}
+        for f in sorted(self.folder.glob("label_*.npz")):
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    info = json.loads(str(z["info"]))
+                    trigger = Trigger(torch.from_numpy(z["mask"]), torch.from_numpy(z["pattern"]))
+                done[int(info["label"])] = LabelTrigger(trigger=trigger, **info)
+            except (OSError, KeyError, ValueError, TypeError):
+                continue  # a damaged file: that label is simply redone
+        return done
+
+    def start(self) -> None:
+        """Begin (or continue) a checkpoint for this key, discarding one for another key."""
+        key_file = self.folder / "key.json"
+        if key_file.exists():
+            try:
+                same = json.loads(key_file.read_text()).get("digest") == self.digest
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        ensure_dir(self.folder)
+        write_json(key_file, {"digest": self.digest, "key": self.key})
+
+    def save(self, item: LabelTrigger) -> None:
+        info = {k: v for k, v in item.to_dict().items()}
+        info["seconds"] = item.seconds
+        tmp = self.folder / f"label_{item.label}.tmp.npz"
+        np.savez(tmp, mask=item.trigger.mask.numpy(), pattern=item.trigger.pattern.numpy(), info=np.array(json.dumps(info)))
+        tmp.replace(self.folder / f"label_{item.label}.npz")

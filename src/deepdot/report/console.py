@@ -1,0 +1,111 @@
+"""Console output: tables and verdicts (rich), and a progress callback drawing bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from deepdot.progress import ProgressEvent
+from deepdot.scan.result import ScanResult
+
+
+class ProgressBars:
+    """A :data:`~deepdot.progress.ProgressFn` that shows one bar per stage (train, label, step).
+
+    Use as a context manager; call the instance with events.
+    """
+
+    LABELS = {"train": "training", "label": "labels", "step": "steps", "scan": "scan"}
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        info = " ".join(f"{k} {_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",))
+        if event.stage not in self.tasks:
+            self.tasks[event.stage] = self.progress.add_task(self.LABELS.get(event.stage, event.stage), total=event.total, info="")
+        task = self.tasks[event.stage]
+        self.progress.update(task, completed=event.done, total=event.total, info=info)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def scan_table(result: ScanResult, max_rows: int = 60) -> Table:
+    flagged = set(result.flagged)
+    table = Table(title=f"Reverse-engineered triggers ({result.mode} scan), smallest first")
+    for col in ("label", "mask L1", "success", "anomaly index", "steps", ""):
+        table.add_column(col, justify="right" if col not in ("",) else "left")
+    indices = dict(zip(result.outliers.labels, result.outliers.indices, strict=True))
+    rows = sorted(result.labels, key=lambda t: t.mask_l1)
+    for item in rows[:max_rows]:
+        note = "FLAGGED" if item.label in flagged else ("" if item.reached_threshold else "threshold not reached")
+        style = "bold red" if item.label in flagged else None
+        table.add_row(
+            str(item.label),
+            f"{item.mask_l1:.2f}",
+            f"{item.attack_success_rate:.3f}",
+            f"{indices[item.label]:.2f}",
+            str(item.steps),
+            note,
+            style=style,
+        )
+    return table
+
+
+def print_scan(console: Console, result: ScanResult, model: str) -> None:
+    console.print(scan_table(result))
+    o = result.outliers
+    l1 = {t.label: t.mask_l1 for t in result.labels}
+    flagged = ", ".join(f"{k}: {l1[k]:.2f}" for k in o.flagged) or "none"
+    console.print(
+        f"median: {o.median:.2f}, MAD: {o.mad:.2f}, anomaly index: {o.anomaly_index:.2f}, "
+        f"flagged label list: {flagged}"
+    )
+    console.print(
+        f"{result.image_passes:,} image passes in {result.seconds:.1f} s; clean accuracy on the scan data {result.clean_accuracy:.1%}"
+    )
+    if result.infected:
+        console.print(
+            f"[bold red]BACKDOOR FOUND[/] in {model}: target label(s) {', '.join(map(str, o.flagged))} "
+            f"(anomaly index {o.anomaly_index:.2f} > {o.threshold:g})"
+        )
+    else:
+        console.print(
+            f"[bold green]No backdoor found[/] in {model} (anomaly index {o.anomaly_index:.2f} <= {o.threshold:g})"
+        )
+
+
+def print_figures(console: Console, title: str, figures: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in figures.items():
+        if isinstance(v, (list, dict)):
+            continue
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)

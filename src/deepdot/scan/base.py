@@ -1,0 +1,157 @@
+"""What every trigger-reverse-engineering scanner shares: input checks, the clean-accuracy
+sanity check, label order, reuse of labels already done (resume), and the outlier test."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from deepdot.data import ImageData
+from deepdot.errors import DeepdotError
+from deepdot.metrics import clean_accuracy
+from deepdot.models import Classifier
+from deepdot.progress import ProgressFn, no_progress
+from deepdot.scan.outliers import DEFAULT_THRESHOLD, outlier_test
+from deepdot.scan.result import LabelTrigger, ScanResult
+
+LabelDone = Callable[[LabelTrigger], None]
+
+
+class PreprocessingMismatch(DeepdotError):
+    """The model classifies the scan's clean data too poorly for a scan to mean anything."""
+
+
+@contextmanager
+def frozen_weights(classifier: Classifier) -> Iterator[None]:
+    """Eval mode and no weight gradients while optimising triggers (only the trigger learns)."""
+    flags = [p.requires_grad for p in classifier.parameters()]
+    was_training = classifier.training
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(classifier.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        classifier.train(was_training)
+
+
+def check_clean_accuracy(classifier: Classifier, data: ImageData, minimum: float, sample: int = 2000) -> float:
+    """Clean accuracy on (up to ``sample`` of) the data; below ``minimum`` raise
+    :class:`PreprocessingMismatch` naming the likely cause."""
+    acc = clean_accuracy(classifier, data.take(sample, seed=0))
+    if acc < minimum:
+        raise PreprocessingMismatch(
+            f"the model classifies only {acc:.1%} of {data.name} correctly (minimum {minimum:.0%}): a scan would be "
+            f"meaningless. The usual cause is a preprocessing mismatch: the model uses preprocess "
+            f"{classifier.preprocess!r}; try --preprocess raw|unit|imagenet|inception (or check that the data "
+            f"and the model's labels match). Override with --min-accuracy."
+        )
+    return acc
+
+
+@dataclass(frozen=True, kw_only=True)
+class TriggerScanner:
+    """Base of the Neural Cleanse scanners. Subclasses implement :meth:`_reverse`.
+
+    Common settings:
+        attack_success_threshold: a trigger counts once it sends this share of images to the label.
+        anomaly_threshold: anomaly index above which a label is flagged (Neural Cleanse: 2).
+        min_clean_accuracy: sanity check before scanning (see :func:`check_clean_accuracy`).
+        seed: makes every label's initialisation and batches repeatable (independent of order).
+    """
+
+    attack_success_threshold: float = 0.99
+    anomaly_threshold: float = DEFAULT_THRESHOLD
+    min_clean_accuracy: float = 0.5
+    seed: int = 0
+
+    mode = "base"
+
+    def settings(self) -> dict:
+        return {"mode": self.mode, **asdict(self)}
+
+    def scan(
+        self,
+        classifier: Classifier,
+        data: ImageData,
+        *,
+        labels: Sequence[int] | None = None,
+        suspected: Sequence[int] = (),
+        done: Mapping[int, LabelTrigger] | None = None,
+        on_label: LabelDone | None = None,
+        progress: ProgressFn = no_progress,
+    ) -> ScanResult:
+        """Reverse-engineer a minimal trigger for every label and run the MAD outlier test.
+
+        Args:
+            classifier: the model under test.
+            data: clean images (labels are used only for the sanity check).
+            labels: the candidate target labels (default: all).
+            suspected: labels to scan first (order only; no effect on the result).
+            done: labels already reverse-engineered (e.g. from a checkpoint): reused, not rerun.
+            on_label: called with each newly finished label (the CLI checkpoints there).
+            progress: progress callback.
+        """
+        if data.image_shape != classifier.input_shape:
+            raise DeepdotError(
+                f"{data.name}: images are {'x'.join(map(str, data.image_shape))} but the model takes "
+                f"{'x'.join(map(str, classifier.input_shape))}"
+            )
+        k = classifier.num_classes
+        chosen = list(range(k)) if labels is None else sorted({int(v) for v in labels})
+        bad = [v for v in [*chosen, *suspected] if not 0 <= v < k]
+        if bad:
+            raise DeepdotError(f"labels {bad} are outside the model's 0..{k - 1}")
+        if len(chosen) < 3:
+            raise DeepdotError("the outlier test needs at least 3 labels to scan")
+        accuracy = check_clean_accuracy(classifier, data, self.min_clean_accuracy)
+        order = [v for v in suspected if v in chosen] + [v for v in chosen if v not in suspected]
+        previous = dict(done or {})
+        todo = [v for v in order if v not in previous]
+        start = time.perf_counter()
+        found: dict[int, LabelTrigger] = {v: previous[v] for v in order if v in previous}
+        with frozen_weights(classifier):
+            for item in self._reverse(classifier, data.x, todo, progress):
+                found[item.label] = item
+                if on_label is not None:
+                    on_label(item)
+        results = tuple(found[v] for v in order)
+        stats = outlier_test({t.label: t.mask_l1 for t in results}, threshold=self.anomaly_threshold)
+        return ScanResult(
+            labels=results,
+            outliers=stats,
+            clean_accuracy=accuracy,
+            seconds=sum(t.seconds for t in results if t.label in previous) + time.perf_counter() - start,
+            image_passes=sum(t.image_passes for t in results),
+            mode=self.mode,
+            settings=self.settings(),
+        )
+
+    def _reverse(
+        self, classifier: Classifier, x: torch.Tensor, labels: list[int], progress: ProgressFn
+    ) -> Iterable[LabelTrigger]:
+        raise NotImplementedError
+
+
+def label_generator(seed: int, label: int) -> torch.Generator:
+    """A random stream per (seed, label), so a label's result does not depend on scan order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + label)
+
+
+EPSILON = 1e-7  # Keras' K.epsilon(), used by the reference to keep arctanh finite
+
+
+def to_tanh_space(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`from_tanh_space` for values in [0, 1]."""
+    return torch.atanh((v - 0.5) * (2 - EPSILON))
+
+
+def from_tanh_space(t: torch.Tensor) -> torch.Tensor:
+    """``tanh(t) / (2 - eps) + 0.5``: an unconstrained variable mapped into (0, 1)."""
+    return torch.tanh(t) / (2 - EPSILON) + 0.5
