@@ -92,11 +92,14 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
         raise DeepdotError(f"{what}: expected comma-separated whole numbers, got {text!r}") from None
 
 
-def _load_model(path: Path, preprocess: str | None) -> Any:
+def _load_model(path: Path, preprocess: str | None, arch: str | None = None, allow_pickle: bool = False) -> Any:
+    """Load any supported model file (see ``deepdot.io.models.load_model``)."""
     from deepdot.io.models import load_model
     from deepdot.models import parse_preprocess
 
-    return load_model(path, preprocess=parse_preprocess(preprocess) if preprocess else None)
+    return load_model(
+        path, preprocess=parse_preprocess(preprocess) if preprocess else None, arch=arch, allow_pickle=allow_pickle
+    )
 
 
 def _load_data_for(spec: str, split: str, classifier: Any = None, max_images: int | None = None) -> Any:
@@ -261,6 +264,17 @@ DataOpt = Annotated[
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+ModelArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", help="Architecture of a plain state_dict file (.pt/.pth), see `deepdot models`."),
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Allow loading a pickled full model. DANGEROUS: unpickling runs code from the file; only for files you trust.",
+    ),
+]
 PreprocessOpt = Annotated[
     str | None,
     typer.Option("--preprocess", help="Model input preprocessing: raw (0-255), unit ([0,1]), imagenet, inception, or 'mean=a,b,c std=d,e,f'."),
@@ -418,6 +432,8 @@ def evaluate_command(
     all_to_all: Annotated[bool, typer.Option("--all-to-all", help="The attack sends y to y+1.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for evaluate.json (default: print only).")] = None,
     preprocess: PreprocessOpt = None,
+    arch: ModelArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Clean accuracy (and attack success rate with --trigger/--target) of any model."""
     from deepdot.io.files import ensure_dir, load_trigger, write_json
@@ -428,7 +444,7 @@ def evaluate_command(
         raise DeepdotError("--trigger and --target (or --all-to-all) go together")
     if out is not None:
         ensure_dir(out)
-    classifier = _load_model(model, preprocess)
+    classifier = _load_model(model, preprocess, arch, allow_pickle)
     test_set = _load_data_for(data, "test", classifier)
     figures: dict[str, Any] = {"model": str(model), "data": test_set.name, "images": len(test_set)}
     figures["clean_accuracy"] = clean_accuracy(classifier, test_set)
@@ -470,6 +486,8 @@ def scan_command(
     preprocess: PreprocessOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed (the scan is repeatable).")] = 0,
     resume: Annotated[bool, typer.Option(help="Reuse labels finished by an interrupted run with the same arguments.")] = True,
+    arch: ModelArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Reverse-engineer a trigger per label and flag outliers (Neural Cleanse).
 
@@ -481,7 +499,7 @@ def scan_command(
     from deepdot.report.console import print_scan
 
     ensure_dir(out)
-    classifier = _load_model(model, preprocess)
+    classifier = _load_model(model, preprocess, arch, allow_pickle)
     scan_data = _load_data_for(data, "test", classifier, max_images)
     overrides = {
         "steps": steps,
@@ -495,7 +513,7 @@ def scan_command(
 
     weights, _ = model_paths(model)
     key = {
-        "model": file_digest(weights),
+        "model": file_digest(weights if weights.exists() else model),
         "preprocess": classifier.preprocess,
         "data": scan_data.name,
         "images": len(scan_data),
@@ -554,6 +572,10 @@ def demo_command(
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
     if not summary["correct"]:
         raise typer.Exit(EXIT_BACKDOOR)
+
+
+# Commands that live in their own modules register themselves on ``app`` when imported.
+from deepdot import cli_mitigate  # noqa: E402,F401
 
 
 def main() -> None:

@@ -59,6 +59,8 @@ def load_model(
     *,
     preprocess: Any = None,
     device: str | torch.device = "cpu",
+    arch: str | None = None,
+    allow_pickle: bool = False,
 ) -> Classifier:
     """Load a model saved by :func:`save_model` (``.safetensors`` path or its folder).
 
@@ -67,6 +69,9 @@ def load_model(
             or the folder holding ``model.safetensors``.
         preprocess: override the preprocessing recorded in the JSON.
         device: where to put the model.
+        arch: architecture of a plain ``state_dict`` file (other formats say their own).
+        allow_pickle: allow unpickling a full pickled model (runs code from the file: only for
+            trusted files). Off by default.
 
     Raises:
         ModelError: a one-line reason (missing/corrupt file, unknown architecture, NaN weights…).

@@ -1,0 +1,142 @@
+"""Scan the benchmark zoo with the fast and the faithful Neural Cleanse, in one run.
+
+    python benchmarks/scan_bench.py                       # every zoo model, both modes
+    python benchmarks/scan_bench.py --models gtsrb-badnets --modes faithful
+
+Prints one table: model, planted truth, then per mode anomaly index, flagged labels, seconds,
+image passes, the recovered target trigger's L1 and IoU with the planted one, and the ratios
+faithful/fast. It also measures the model's plain forward+backward throughput at the batch the
+fast scan uses, so the scan's own efficiency is visible. Faithful scans use the seed notebook's
+settings (500 steps, 500 samples per step, batch 32) and checkpoint per label under
+``--work``: an interrupted run resumes. Build the zoo first with ``benchmarks/zoo.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import REPLICAS, splits  # noqa: E402
+
+from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
+from deepdot.io.models import load_model  # noqa: E402
+from deepdot.report.artifacts import Checkpoint, file_digest, write_scan  # noqa: E402
+from deepdot.scan import FastNeuralCleanse, NeuralCleanse  # noqa: E402
+from deepdot.triggers import mask_iou  # noqa: E402
+
+ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
+
+
+def scanners(args: argparse.Namespace) -> dict:
+    return {
+        "fast": FastNeuralCleanse(seed=args.seed),
+        "faithful": NeuralCleanse(steps=args.faithful_steps, samples_per_step=args.faithful_samples, batch_size=32, seed=args.seed),
+    }
+
+
+def throughput(model, shape, batch: int, repeats: int = 3) -> float:
+    """Plain forward+backward images per second (gradient w.r.t. the input, weights frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch, *shape, requires_grad=True)
+    target = torch.zeros(batch, dtype=torch.long)
+    torch.nn.functional.cross_entropy(model(x), target).backward()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x.grad = None
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def scan_data(replica: str):
+    """The clean data the defender scans with: the replica's test split (GTSRB: the official
+    test set, as Neural Cleanse does)."""
+    return splits(replica)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, default=ZOO)
+    parser.add_argument("--models", nargs="*", help="zoo model folders, e.g. gtsrb-badnets (default: all built)")
+    parser.add_argument("--modes", nargs="*", default=["fast", "faithful"], choices=["fast", "faithful"])
+    parser.add_argument("--faithful-steps", type=int, default=500)
+    parser.add_argument("--faithful-samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("~/.cache/deepdot/bench").expanduser())
+    args = parser.parse_args(argv)
+
+    names = args.models or sorted(p.name for p in args.zoo.iterdir() if (p / "model.safetensors").exists())
+    rows = []
+    for name in names:
+        folder = args.zoo / name
+        replica = name.rsplit("-", 1)[0]
+        if replica not in REPLICAS:
+            print(f"skipping {name}: not a zoo replica", file=sys.stderr)
+            continue
+        model = load_model(folder)
+        data = scan_data(replica)
+        summary = read_json(folder / ("attack.json" if (folder / "attack.json").exists() else "train.json"))
+        planted = load_trigger(folder / "trigger.npz") if (folder / "trigger.npz").exists() else None
+        truth = summary.get("target") if planted is not None else None
+        row = {"model": name, "planted_target": truth, "clean_accuracy": summary["clean_accuracy"],
+               "attack_success_rate": summary.get("attack_success_rate")}
+        for mode in args.modes:
+            scanner = scanners(args)[mode]
+            out = ensure_dir(args.work / name / mode)
+            checkpoint = Checkpoint(out, {"model": file_digest(folder / "model.safetensors"), "settings": scanner.settings(), "images": len(data)})
+            done = checkpoint.load()
+            checkpoint.start()
+            print(f"{name}: {mode} scan ({len(done)} labels from checkpoint)", flush=True)
+            result = scanner.scan(model, data, suspected=[truth] if truth is not None else (), done=done, on_label=checkpoint.save)
+            write_scan(out, result, {"model": name})
+            entry = {"anomaly_index": result.outliers.anomaly_index, "flagged": list(result.flagged),
+                     "seconds": result.seconds, "image_passes": result.image_passes,
+                     "median": result.outliers.median, "mad": result.outliers.mad}
+            if truth is not None:
+                recovered = result.trigger_for(truth)
+                entry["target_mask_l1"] = recovered.mask_l1
+                entry["target_iou"] = mask_iou(recovered.mask, planted.mask)
+            row[mode] = entry
+            print(f"  {json.dumps(entry)}", flush=True)
+        if "fast" in row:
+            batch = FastNeuralCleanse().batch_size * model.num_classes
+            row["plain_images_per_second"] = throughput(model, model.input_shape, min(batch, 2048))
+            row["fast_images_per_second"] = row["fast"]["image_passes"] / row["fast"]["seconds"]
+        if "fast" in row and "faithful" in row:
+            row["passes_ratio"] = row["faithful"]["image_passes"] / row["fast"]["image_passes"]
+            row["time_ratio"] = row["faithful"]["seconds"] / row["fast"]["seconds"]
+        rows.append(row)
+        write_json(args.work / f"{name}.json", row)
+
+    print(f"\nscan benchmark, {date.today()}, {torch.get_num_threads()} threads")
+    head = "| model | planted | " + " | ".join(
+        f"{m} AI | {m} flagged | {m} s | {m} passes | {m} target L1 | {m} IoU" for m in args.modes
+    ) + " | passes ratio | time ratio | fast img/s / plain img/s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        cells = [r["model"], str(r["planted_target"] if r["planted_target"] is not None else "clean")]
+        for m in args.modes:
+            e = r[m]
+            cells += [f"{e['anomaly_index']:.2f}", str(e["flagged"] or "none"), f"{e['seconds']:.0f}", f"{e['image_passes']:,}",
+                      f"{e.get('target_mask_l1', float('nan')):.1f}", f"{e.get('target_iou', float('nan')):.2f}"]
+        cells += [f"{r.get('passes_ratio', float('nan')):.1f}", f"{r.get('time_ratio', float('nan')):.1f}"]
+        if "plain_images_per_second" in r:
+            cells.append(f"{r['fast_images_per_second']:.0f} / {r['plain_images_per_second']:.0f} "
+                         f"({r['fast_images_per_second'] / r['plain_images_per_second']:.0%})")
+        else:
+            cells.append("")
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
