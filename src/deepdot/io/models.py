@@ -2,19 +2,35 @@
 
 deepdot's own format is a pair of files: ``model.safetensors`` (weights only: no code can run
 when it is read) and ``model.json`` beside it (architecture, number of classes, input shape,
-preprocessing). Models are untrusted input, so nothing here unpickles by default.
+preprocessing). :func:`load_model` also reads the formats people receive models in — Keras
+HDF5/``.keras``, ONNX, TorchScript and plain PyTorch ``state_dict`` files — and turns each into
+a :class:`~deepdot.models.Classifier`.
+
+Models are untrusted input: nothing here runs code from a file. Keras and ONNX files are
+converted layer by layer, ``torch.load`` always runs with ``weights_only=True``, and a pickled
+whole ``nn.Module`` (which can run arbitrary code when unpickled) is refused unless the caller
+explicitly passes ``allow_pickle=True``.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from deepdot.errors import ModelError
 from deepdot.models import ARCHITECTURES, Classifier, build_classifier
+from deepdot.models.classifier import Preprocess
+
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
+ONNX_SUFFIXES = (".onnx",)
+TORCH_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".bin")
 
 FORMAT = "deepdot-model"
 FORMAT_VERSION = 1
@@ -57,25 +73,84 @@ def save_model(classifier: Classifier, path: str | Path, extra: dict[str, Any] |
 def load_model(
     path: str | Path,
     *,
-    preprocess: Any = None,
+    preprocess: Preprocess | None = None,
     device: str | torch.device = "cpu",
     arch: str | None = None,
     allow_pickle: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Classifier:
-    """Load a model saved by :func:`save_model` (``.safetensors`` path or its folder).
+    """Load a model file of any supported format as a :class:`Classifier`.
+
+    The format follows the suffix:
+
+    * a folder, ``.safetensors`` or ``.json``: deepdot's own format (:func:`save_model`); a
+      ``.safetensors`` file without ``model.json`` needs ``arch``;
+    * ``.h5``/``.hdf5``/``.keras``: a Keras full model, converted to PyTorch;
+    * ``.onnx``: converted to PyTorch (needs the ``onnx`` package, ``deepdot[formats]``);
+    * ``.pt``/``.pth``/``.ts``/``.torchscript``/``.bin``: a TorchScript archive, or a plain
+      ``state_dict`` of the built-in architecture ``arch``, read with ``weights_only=True``.
+
+    What a file does not say about itself (input shape, preprocessing) can be given in a JSON
+    file beside it, ``<stem>.json``, with keys ``preprocess``, ``input_shape`` ([C, H, W]) and
+    ``architecture``; a TorchScript archive may carry the same as an embedded ``model.json``, an
+    ONNX file as ``metadata_props``. A model that ends in a softmax is detected: the softmax is
+    removed where possible and ``Classifier.output_kind`` says ``"probabilities"``.
 
     Args:
-        path: the ``.safetensors`` file (``model.json`` or ``<stem>.json`` must lie beside it),
-            or the folder holding ``model.safetensors``.
-        preprocess: override the preprocessing recorded in the JSON.
+        path: the model file or folder.
+        preprocess: overrides the preprocessing recorded with the model (default ``"unit"`` when
+            nothing is recorded; Neural Cleanse's Keras models need ``"raw"``).
         device: where to put the model.
         arch: architecture of a plain ``state_dict`` file (other formats say their own).
         allow_pickle: allow unpickling a full pickled model (runs code from the file: only for
             trusted files). Off by default.
+        input_shape: (C, H, W), for files that do not record it (TorchScript, pickled modules).
 
     Raises:
-        ModelError: a one-line reason (missing/corrupt file, unknown architecture, NaN weights…).
+        ModelError: one line naming the file and the problem (missing, corrupt or truncated,
+            unsafe, unsupported layer, NaN or Inf weights, unknown architecture…).
     """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if p.is_dir() or suffix in ("", ".safetensors", ".json"):
+        classifier = _load_deepdot(p, preprocess, arch)
+    else:
+        if not p.is_file():
+            raise ModelError(f"{p}: no such model file")
+        meta = _sidecar(p)
+        if suffix in KERAS_SUFFIXES or suffix in ONNX_SUFFIXES:
+            if suffix in KERAS_SUFFIXES:
+                from deepdot.io.keras_h5 import load_keras
+
+                converted = load_keras(p)
+            else:
+                from deepdot.io.onnx_import import load_onnx
+
+                converted = load_onnx(p)
+            classifier = _wrap(
+                p,
+                converted.network,
+                metadata={**converted.metadata, **meta},
+                preprocess=preprocess,
+                input_shape=input_shape,
+                file_shape=converted.input_shape,
+                output_kind=converted.output_kind,
+                softmax_removed=converted.softmax_removed,
+                last_conv_layer=converted.last_conv_layer,
+                penultimate_layer=converted.penultimate_layer,
+            )
+        elif suffix in TORCH_SUFFIXES:
+            classifier = _load_torch(p, meta, preprocess, arch, allow_pickle, input_shape)
+        else:
+            known = ", ".join((".safetensors", *KERAS_SUFFIXES, *ONNX_SUFFIXES, *TORCH_SUFFIXES))
+            raise ModelError(f"{p}: unsupported model format {p.suffix!r}; deepdot reads {known} and folders")
+    _check_finite(classifier.network, p)
+    return classifier.to(device).eval()
+
+
+# -- deepdot's own format ----------------------------------------------------------------------
+def _load_deepdot(path: Path, preprocess: Preprocess | None, arch: str | None) -> Classifier:
+    """safetensors + model.json (or + ``arch`` when there is no model.json)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -83,9 +158,20 @@ def load_model(
     if not weights.exists():
         raise ModelError(f"{weights}: no such model file")
     if weights.suffix != ".safetensors":
-        raise ModelError(f"{weights}: unsupported model format {weights.suffix!r}; deepdot reads .safetensors + model.json")
+        raise ModelError(
+            f"{weights}: unsupported model format {weights.suffix!r}; deepdot reads .safetensors + model.json"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
     if not meta_path.exists():
-        raise ModelError(f"{weights}: no model.json beside it saying which architecture the weights belong to")
+        if arch is None:
+            raise ModelError(
+                f"{weights}: no model.json beside it saying which architecture the weights belong to; "
+                f"give one with --arch ({', '.join(ARCHITECTURES)})"
+            )
+        return _from_state_dict(weights, state, arch, {}, preprocess)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -93,10 +179,6 @@ def load_model(
     arch = meta.get("architecture")
     if arch not in ARCHITECTURES:
         raise ModelError(f"{meta_path}: unknown architecture {arch!r}; built in: {', '.join(ARCHITECTURES)}")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{weights}: corrupt or truncated safetensors file ({exc})") from exc
     kwargs = {k: v for k, v in (meta.get("arch_kwargs") or {}).items()}
     try:
         classifier = build_classifier(
@@ -109,7 +191,244 @@ def load_model(
         classifier.network.load_state_dict(state, strict=True)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"{weights}: weights do not match architecture {arch} ({str(exc).splitlines()[0]})") from exc
-    for name, tensor in state.items():
+    return classifier
+
+
+# -- PyTorch files -------------------------------------------------------------------------------
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding compiled code (``<name>/code/...``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torch(
+    path: Path,
+    meta: dict[str, Any],
+    preprocess: Preprocess | None,
+    arch: str | None,
+    allow_pickle: bool,
+    input_shape: tuple[int, int, int] | None,
+) -> Classifier:
+    """A TorchScript archive, a ``state_dict`` (``weights_only=True``), or — opted in — a pickle."""
+    if _is_torchscript(path):
+        extra = {"model.json": ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_first_line(exc)})") from exc
+        embedded: dict[str, Any] = {}
+        if extra["model.json"]:
+            try:
+                embedded = json.loads(extra["model.json"])
+            except json.JSONDecodeError as exc:
+                raise ModelError(f"{path}: its embedded model.json is not valid JSON ({exc})") from exc
+        return _wrap(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ModelError(f"{path}: corrupt, truncated or not a PyTorch file ({_first_line(exc)})") from exc
+        if not allow_pickle:
+            raise ModelError(
+                f"{path}: refused: the file holds pickled Python objects (such as a whole nn.Module) and "
+                "unpickling them can run any code; if you trust the file, pass --allow-pickle, otherwise "
+                "ask for a state_dict, TorchScript, ONNX or safetensors file"
+            ) from exc
+        obj = _load_trusted_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - garbage makes the (code-free) weights-only unpickler fail in many ways
+        raise ModelError(f"{path}: corrupt, truncated or not a PyTorch file ({_first_line(exc)})") from exc
+    if isinstance(obj, nn.Module):
+        return _wrap(path, obj, metadata=meta, preprocess=preprocess, input_shape=input_shape)
+    if not isinstance(obj, Mapping):
+        raise ModelError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a model")
+    return _from_state_dict(path, _unwrap_state_dict(path, obj), arch or meta.get("architecture"), meta, preprocess)
+
+
+def _load_trusted_pickle(path: Path) -> Any:
+    """Unpickle a file the user has vouched for (``allow_pickle=True``): this may run its code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
+        raise ModelError(f"{path}: cannot unpickle the model ({_first_line(exc)})") from exc
+
+
+def _unwrap_state_dict(path: Path, obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict, also when saved inside a checkpoint dict or by DataParallel."""
+    for key in _STATE_DICT_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not state or bad:
+        what = ", ".join(bad[:3]) or "none at all"
+        raise ModelError(f"{path}: not a state_dict (entries that are not tensors: {what})")
+    return state
+
+
+def _from_state_dict(
+    path: Path, state: dict[str, torch.Tensor], arch: str | None, meta: dict[str, Any], preprocess: Preprocess | None
+) -> Classifier:
+    """A built-in architecture holding ``state``; classes and input channels read off the weights."""
+    if arch is None:
+        raise ModelError(
+            f"{path}: a plain state_dict holds only weights; name its architecture with --arch "
+            f"({', '.join(ARCHITECTURES)})"
+        )
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"{path}: unknown architecture {arch!r}; built in: {', '.join(ARCHITECTURES)}")
+    template = build_classifier(arch).network
+    linears = [name for name, m in template.named_modules() if isinstance(m, nn.Linear)]
+    convs = [name for name, m in template.named_modules() if isinstance(m, nn.Conv2d)]
+    default_shape = ARCHITECTURES[arch].input_shape
+    try:
+        num_classes = int(state[f"{linears[-1]}.weight"].shape[0])
+        channels = int(state[f"{convs[0]}.weight"].shape[1]) if convs else default_shape[0]
+        classifier = build_classifier(
+            arch,
+            num_classes=num_classes,
+            input_shape=(channels, *default_shape[1:]),
+            preprocess=_preprocess_for(path, preprocess, meta, ARCHITECTURES[arch].preprocess),
+        )
+        classifier.network.load_state_dict(state, strict=True)
+    except (KeyError, IndexError, RuntimeError) as exc:
+        raise ModelError(f"{path}: weights do not match architecture {arch} ({_mismatch(exc)})") from exc
+    return classifier
+
+
+# -- shared --------------------------------------------------------------------------------------
+def _mismatch(exc: BaseException) -> str:
+    """The first concrete complaint of ``load_state_dict`` (its first line is only a header)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, RuntimeError) and len(lines) > 1:
+        return lines[1].split(". ")[0][:200]
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A short description of a low-level error: its first sentence, with its type if terse."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0][:160]
+    return text if len(text) >= 20 else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """``<stem>.json`` beside a model file: what the file itself does not record."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{side}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ModelError(f"{side}: expected a JSON object with preprocess / input_shape / architecture")
+    return meta
+
+
+def _preprocess_for(path: Path, given: Preprocess | None, meta: Mapping[str, Any], default: Preprocess) -> Preprocess:
+    """The preprocessing to use: the caller's, else the model's own record, else ``default``."""
+    from deepdot.models import parse_preprocess
+
+    if given is not None:
+        return given
+    recorded = meta.get("preprocess")
+    if recorded is None:
+        return default
+    if isinstance(recorded, str) and recorded.strip().startswith("{"):
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: recorded preprocess {recorded!r} is not valid JSON") from exc
+    try:
+        return parse_preprocess(recorded)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+
+
+def _recorded_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    shape = meta.get("input_shape")
+    if shape is None:
+        return None
+    if isinstance(shape, str):
+        shape = json.loads(shape) if shape.strip().startswith("[") else [v for v in shape.replace("x", ",").split(",")]
+    try:
+        c, h, w = (int(v) for v in shape)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: recorded input_shape {shape!r} is not [channels, height, width]") from exc
+    return c, h, w
+
+
+def _wrap(
+    path: Path,
+    network: nn.Module,
+    *,
+    metadata: Mapping[str, Any],
+    preprocess: Preprocess | None,
+    input_shape: tuple[int, ...] | None,
+    file_shape: tuple[int, ...] | None = None,
+    output_kind: str | None = None,
+    softmax_removed: bool = False,
+    last_conv_layer: str | None = None,
+    penultimate_layer: str | None = None,
+) -> Classifier:
+    """A Classifier around a network loaded from a foreign format.
+
+    The input shape is the caller's (``input_shape``), else the one recorded in metadata, else
+    the one the format itself declares (``file_shape``).
+    The number of classes is read off one forward pass. When the format cannot say whether
+    the network ends in a softmax (TorchScript, pickles), that pass decides: outputs that are
+    non-negative and sum to 1 are probabilities.
+    """
+    explicit = tuple(int(v) for v in input_shape) if input_shape else None
+    shape = explicit or _recorded_shape(path, metadata) or file_shape
+    if shape is None:
+        raise ModelError(
+            f"{path}: the file does not record its input shape; write it beside the model as "
+            f'{path.with_suffix(".json").name} containing {{"input_shape": [channels, height, width]}}'
+        )
+    spec = _preprocess_for(path, preprocess, metadata, "unit")
+    network = network.eval()
+    probe = torch.rand(2, *shape)
+    try:
+        with torch.no_grad():
+            from deepdot.models.classifier import preprocess_tensor
+
+            out = network(preprocess_tensor(probe, spec))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise ModelError(
+            f"{path}: the network does not run on {'x'.join(map(str, shape))} input ({_first_line(exc)})"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"{path}: the network's output is {got}, not one score per class (N x classes)")
+    if output_kind is None:
+        output_kind = str(metadata.get("output_kind") or "")
+        if output_kind not in ("logits", "probabilities"):
+            sums_to_one = torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4)
+            output_kind = "probabilities" if bool((out >= 0).all()) and sums_to_one else "logits"
+    return Classifier(
+        network,
+        input_shape=shape,
+        num_classes=int(out.shape[1]),
+        preprocess=spec,
+        last_conv_layer=last_conv_layer,
+        penultimate_layer=penultimate_layer,
+        output_kind=output_kind,
+        softmax_removed=softmax_removed,
+    )
+
+
+def _check_finite(network: nn.Module, path: Path) -> None:
+    """Refuse weights holding NaN or Inf (they make every prediction meaningless)."""
+    for name, tensor in network.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelError(f"{weights}: weight {name} contains NaN or Inf")
-    return classifier.to(device).eval()
+            raise ModelError(f"{path}: weight {name} contains NaN or Inf")

@@ -24,6 +24,9 @@ Preprocess = str | dict[str, list[float]]
 
 _IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
+#: What a model file's network outputs: raw class scores, or softmax probabilities.
+OUTPUT_KINDS = ("logits", "probabilities")
+
 
 def parse_preprocess(spec: Preprocess) -> Preprocess:
     """Validate a preprocessing spec: a name from :data:`PREPROCESS_NAMES` or ``{"mean", "std"}``.
@@ -85,6 +88,13 @@ class Classifier(nn.Module):
         arch_kwargs: keyword arguments the architecture was built with.
         last_conv_layer / penultimate_layer: names of modules in ``network`` (see
             :meth:`activations`), used by the mitigations.
+        output_kind: what the model as given outputs: ``"logits"`` or ``"probabilities"`` (it
+            ended in a softmax, as most Keras models do). Either way :meth:`forward` returns
+            logits-equivalent scores (``log_softmax`` of them gives the log-probabilities), so
+            cross-entropy and argmax work unchanged.
+        softmax_removed: with ``output_kind="probabilities"``, whether the loader already removed
+            the final softmax from ``network`` (then it returns logits); otherwise
+            :meth:`forward` takes the logarithm of the probabilities.
     """
 
     def __init__(
@@ -98,6 +108,8 @@ class Classifier(nn.Module):
         arch_kwargs: dict[str, Any] | None = None,
         last_conv_layer: str | None = None,
         penultimate_layer: str | None = None,
+        output_kind: str = "logits",
+        softmax_removed: bool = False,
     ) -> None:
         super().__init__()
         self.network = network
@@ -108,12 +120,32 @@ class Classifier(nn.Module):
         self.arch_kwargs = dict(arch_kwargs or {})
         self.last_conv_layer = last_conv_layer
         self.penultimate_layer = penultimate_layer
+        if output_kind not in OUTPUT_KINDS:
+            raise ModelError(f"unknown output kind {output_kind!r}: use one of {', '.join(OUTPUT_KINDS)}")
+        self.output_kind = output_kind
+        self.softmax_removed = bool(softmax_removed) and output_kind == "probabilities"
         self.eval()
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for [0, 1] images. Shape: N×C×H×W -> N×num_classes."""
-        return self.network(preprocess_tensor(x, self.preprocess))
+        """Logits for [0, 1] images. Shape: N×C×H×W -> N×num_classes.
+
+        For a network that outputs probabilities (softmax not removable) this is their logarithm,
+        which differs from the logits only by a per-image constant.
+        """
+        out = self.network(preprocess_tensor(x, self.preprocess))
+        if self.output_kind == "probabilities" and not self.softmax_removed:
+            out = out.clamp_min(1e-30).log()
+        return out
+
+    @property
+    def output_note(self) -> str:
+        """One line saying what the model outputs and what deepdot works on (for reports)."""
+        if self.output_kind == "logits":
+            return "logits"
+        if self.softmax_removed:
+            return "probabilities (final softmax removed: deepdot works on the logits before it)"
+        return "probabilities (deepdot works on their logarithm)"
 
     @property
     def device(self) -> torch.device:
@@ -172,4 +204,5 @@ class Classifier(nn.Module):
             "preprocess": self.preprocess,
             "last_conv_layer": self.last_conv_layer,
             "penultimate_layer": self.penultimate_layer,
+            "output_kind": self.output_kind,
         }

@@ -1,0 +1,571 @@
+"""Keras full-model files (HDF5 ``.h5`` and Keras 3 ``.keras``) converted to PyTorch.
+
+Neural Cleanse and most backdoor-research code ship their models as Keras HDF5 files written by
+``model.save(...)``: the architecture as JSON in the ``model_config`` attribute and the weights
+under ``model_weights/<layer>/``. This module reads both with h5py (no TensorFlow or Keras
+needed, and no code from the file is ever run) and rebuilds the model from standard PyTorch
+layers, so deepdot can take gradients through it.
+
+Supported: Sequential and Functional models (one input, one output, no shared layers) made of
+InputLayer, Conv2D, Dense, MaxPooling2D, AveragePooling2D, GlobalAverage/MaxPooling2D,
+BatchNormalization, Dropout (and its variants), Flatten, Activation, ReLU, LeakyReLU, Softmax,
+ZeroPadding2D, Add and Concatenate. Keras is channels-last: the converted network takes
+N×C×H×W input like every deepdot model; kernels are transposed and ``Flatten`` keeps the Keras
+(H, W, C) order so the dense weights apply unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepdot.errors import ModelError
+from deepdot.io.convert import (
+    Add,
+    ChannelsLastFlatten,
+    Concat,
+    ConvertedModel,
+    GraphNetwork,
+    SameAvgPool2d,
+    SamePad2d,
+    Step,
+    batch_norm,
+    chain,
+    module_name,
+)
+
+SUPPORTED_LAYERS = (
+    "InputLayer",
+    "Conv2D",
+    "Dense",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "BatchNormalization",
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "Flatten",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "Softmax",
+    "ZeroPadding2D",
+    "Add",
+    "Concatenate",
+)
+_IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout"}
+_ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D"}
+
+#: Reads the weights of one layer: (layer name, layer class) -> {"kernel": array, "bias": array, ...}.
+WeightReader = Callable[[str, str], dict[str, np.ndarray]]
+
+
+class _Unsupported(Exception):
+    """A layer or setting the converter does not handle (turned into a ModelError with the file name)."""
+
+
+def load_keras(path: str | Path) -> ConvertedModel:
+    """Convert a Keras full-model file (``.h5``/``.hdf5`` or ``.keras``) to PyTorch.
+
+    Raises:
+        ModelError: unreadable or truncated file, a weights-only file, an unsupported layer.
+    """
+    p = Path(path)
+    if zipfile.is_zipfile(p):
+        return _load_keras_zip(p)
+    import h5py
+
+    try:
+        with h5py.File(p, "r") as f:
+            raw = f.attrs.get("model_config")
+            if raw is None:
+                raise ModelError(
+                    f"{p}: HDF5 file without a model_config attribute (a weights-only file or not a Keras "
+                    "model); deepdot needs a full model written by model.save()"
+                )
+            config = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+            root = f["model_weights"] if "model_weights" in f else f
+            return convert_config(config, _h5_weight_reader(root), p)
+    except ModelError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: corrupt, truncated or not a Keras HDF5 model ({detail})") from exc
+
+
+def _h5_weight_reader(root: Any) -> WeightReader:
+    """Weights of a layer in a Keras 2 / Keras 3 legacy HDF5 file, keyed by short name."""
+
+    def read(layer: str, _cls: str) -> dict[str, np.ndarray]:
+        if layer not in root:
+            return {}
+        group = root[layer]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            short = name.split("/")[-1].split(":")[0]
+            out[short] = np.asarray(group[name], dtype=np.float32)
+        return out
+
+    return read
+
+
+# Keras 3 ``.keras`` files store each layer's variables as vars/0, vars/1, ... in this order.
+_VARIABLE_ORDER = {
+    "Conv2D": ("kernel", "bias"),
+    "Dense": ("kernel", "bias"),
+    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+}
+
+
+def _variable_names(cls: str, cfg: dict[str, Any]) -> list[str]:
+    """Names of a layer's stored variables, in storage order (optional ones left out when unused)."""
+    names = list(_VARIABLE_ORDER.get(cls, ()))
+    if cls == "BatchNormalization":
+        if not cfg.get("scale", True):
+            names.remove("gamma")
+        if not cfg.get("center", True):
+            names.remove("beta")
+    elif not cfg.get("use_bias", True) and "bias" in names:
+        names.remove("bias")
+    return names
+
+
+def _load_keras_zip(p: Path) -> ConvertedModel:
+    """Convert a Keras 3 native ``.keras`` archive (config.json + model.weights.h5)."""
+    import h5py
+
+    try:
+        with zipfile.ZipFile(p) as archive:
+            config = json.loads(archive.read("config.json"))
+            weights_blob = archive.read("model.weights.h5")
+        with h5py.File(io.BytesIO(weights_blob), "r") as f:
+            layers_group = f["layers"] if "layers" in f else f
+            stored = _stored_names(config)
+            configs = _layer_configs(config)
+
+            def read(layer: str, cls: str) -> dict[str, np.ndarray]:
+                group_name = stored.get(layer, layer)
+                if group_name not in layers_group or "vars" not in layers_group[group_name]:
+                    return {}
+                variables = layers_group[group_name]["vars"]
+                arrays = [np.asarray(variables[str(i)], dtype=np.float32) for i in range(len(variables))]
+                return dict(zip(_variable_names(cls, configs.get(layer, {})), arrays, strict=False))
+
+            return convert_config(config, read, p)
+    except ModelError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: corrupt, truncated or not a Keras .keras model ({detail})") from exc
+
+
+_STORED_PREFIX = {"Conv2D": "conv2d", "Dense": "dense", "BatchNormalization": "batch_normalization"}
+
+
+def _stored_names(config: dict[str, Any]) -> dict[str, str]:
+    """Layer name -> group name in a ``.keras`` weights file.
+
+    Keras 3 stores layers under generic names (``conv2d``, ``conv2d_1``, … counted per class in
+    layer order), not under the layers' own names.
+    """
+    counts: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for name, cls in _layer_classes(config):
+        prefix = _STORED_PREFIX.get(cls)
+        if prefix is None:
+            continue
+        n = counts.get(cls, 0)
+        counts[cls] = n + 1
+        out[name] = prefix if n == 0 else f"{prefix}_{n}"
+    return out
+
+
+def _layer_classes(config: dict[str, Any]) -> list[tuple[str, str]]:
+    inner = config.get("config", {})
+    layers = inner if isinstance(inner, list) else inner.get("layers", [])
+    return [(layer.get("config", {}).get("name", layer.get("name")), _layer_class(layer)) for layer in layers]
+
+
+def _layer_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    inner = config.get("config", {})
+    layers = inner if isinstance(inner, list) else inner.get("layers", [])
+    return {layer.get("config", {}).get("name", layer.get("name")): layer.get("config", {}) for layer in layers}
+
+
+# -- configuration ---------------------------------------------------------------------------
+def convert_config(config: dict[str, Any], read_weights: WeightReader, path: Path) -> ConvertedModel:
+    """Build the PyTorch network described by a Keras model config (``model.to_json()`` form)."""
+    kind = config.get("class_name")
+    inner = config.get("config")
+    if kind == "Sequential":
+        layers = inner if isinstance(inner, list) else (inner or {}).get("layers", [])
+        try:
+            return _convert_sequential(layers, read_weights, inner if isinstance(inner, dict) else {})
+        except _Unsupported as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+    if kind in ("Functional", "Model"):
+        try:
+            return _convert_functional(inner or {}, read_weights)
+        except _Unsupported as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+    raise ModelError(f"{path}: unsupported Keras model class {kind!r}; deepdot reads Sequential and Functional models")
+
+
+def _input_shape(shape: list[Any] | None, channels_first: bool) -> tuple[int, ...] | None:
+    """Keras batch shape (None, H, W, C) -> deepdot's (C, H, W)."""
+    if not shape:
+        return None
+    dims = tuple(shape[1:])
+    if len(dims) != 3 or any(d is None for d in dims):
+        raise _Unsupported(
+            f"the model takes input of shape {list(dims)}; "
+            "deepdot needs images of a fixed size (height, width, channels)"
+        )
+    return tuple(int(d) for d in dims) if channels_first else (int(dims[2]), int(dims[0]), int(dims[1]))
+
+
+def _layer_class(layer: dict[str, Any]) -> str:
+    cls = str(layer.get("class_name"))
+    return _ALIASES.get(cls, cls)
+
+
+def _channels_first(layers: list[dict[str, Any]]) -> bool:
+    formats = {layer.get("config", {}).get("data_format") for layer in layers} - {None}
+    if len(formats) > 1:
+        raise _Unsupported("the model mixes channels_first and channels_last layers")
+    return formats == {"channels_first"}
+
+
+def _convert_sequential(
+    layers: list[dict[str, Any]], read_weights: WeightReader, inner: dict[str, Any]
+) -> ConvertedModel:
+    channels_first = _channels_first(layers)
+    shape = None
+    for layer in layers:
+        cfg = layer.get("config", {})
+        shape = shape or cfg.get("batch_shape") or cfg.get("batch_input_shape")
+    input_shape = _input_shape(shape or inner.get("build_input_shape"), channels_first)
+    body = [layer for layer in layers if _layer_class(layer) != "InputLayer"]
+    output_kind, body, strip_last = _strip_final_softmax(body)
+    modules: OrderedDict[str, nn.Module] = OrderedDict()
+    rank = 4
+    for i, layer in enumerate(body):
+        cls, cfg = _layer_class(layer), dict(layer.get("config", {}))
+        if strip_last and i == len(body) - 1:
+            cfg["activation"] = "linear"
+        name = module_name(str(cfg.get("name", cls.lower())), modules)
+        modules[name], rank = _convert_layer(cls, cfg, read_weights(cfg.get("name", ""), cls), [rank], channels_first)
+    names = list(modules)
+    classes = [_layer_class(layer) for layer in body]
+    last_conv, penultimate = _guess_named_layers(names, classes)
+    return ConvertedModel(
+        network=nn.Sequential(modules),
+        input_shape=input_shape,
+        output_kind=output_kind,
+        softmax_removed=output_kind == "probabilities",
+        last_conv_layer=last_conv,
+        penultimate_layer=penultimate,
+    )
+
+
+def _is_softmax(layer: dict[str, Any]) -> bool:
+    cls, cfg = _layer_class(layer), layer.get("config", {})
+    return cls == "Softmax" or (cls in ("Activation", "Dense", "Conv2D") and cfg.get("activation") == "softmax")
+
+
+def _strip_final_softmax(body: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]], bool]:
+    """(output kind, layers, whether the last layer's fused softmax must be dropped)."""
+    if not body or not _is_softmax(body[-1]):
+        return "logits", body, False
+    if _layer_class(body[-1]) in ("Softmax", "Activation"):
+        return "probabilities", body[:-1], False
+    return "probabilities", body, True
+
+
+def _guess_named_layers(names: list[str], classes: list[str]) -> tuple[str | None, str | None]:
+    """(last conv layer, layer feeding the last dense layer) of a chain of Keras layers."""
+    last_conv = None
+    for i, cls in enumerate(classes):
+        if cls == "Conv2D":
+            last_conv = names[i]
+            if i + 1 < len(classes) and classes[i + 1] in ("Activation", "ReLU", "LeakyReLU", "BatchNormalization"):
+                last_conv = names[i + 1]
+    dense = [i for i, cls in enumerate(classes) if cls == "Dense"]
+    penultimate = names[dense[-1] - 1] if dense and dense[-1] > 0 else None
+    return last_conv, penultimate
+
+
+def _inbound(layer: dict[str, Any]) -> list[str]:
+    """Names of the layers feeding ``layer`` (Keras 2 and Keras 3 config forms)."""
+    nodes = layer.get("inbound_nodes") or []
+    if len(nodes) > 1:
+        raise _Unsupported(f"layer {layer.get('name')!r} is called more than once (shared layers are not supported)")
+    if not nodes:
+        return []
+    node = nodes[0]
+    if isinstance(node, dict):  # Keras 3: {"args": [...keras tensors...], "kwargs": {...}}
+        return [history[0] for history in _keras_histories(node.get("args", []))]
+    return [str(entry[0]) for entry in node]  # Keras 2: [["layer", node, tensor, {kwargs}], ...]
+
+
+def _keras_histories(value: Any) -> Iterator[list[Any]]:
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            yield value["config"]["keras_history"]
+        return
+    if isinstance(value, list):
+        for item in value:
+            yield from _keras_histories(item)
+
+
+def _endpoint(spec: Any, what: str) -> str:
+    """The single layer name in ``input_layers``/``output_layers``."""
+    if spec and isinstance(spec[0], str):
+        spec = [spec]
+    if not spec or len(spec) != 1:
+        raise _Unsupported(f"the model has {len(spec or [])} {what}s; deepdot needs exactly one")
+    return str(spec[0][0])
+
+
+def _convert_functional(inner: dict[str, Any], read_weights: WeightReader) -> ConvertedModel:
+    layers = inner.get("layers", [])
+    by_name = {str(layer.get("name", layer.get("config", {}).get("name"))): layer for layer in layers}
+    channels_first = _channels_first(layers)
+    input_layer = _endpoint(inner.get("input_layers"), "input")
+    output_layer = _endpoint(inner.get("output_layers"), "output")
+    if input_layer not in by_name or output_layer not in by_name:
+        raise _Unsupported("the model's input or output layer is missing from its config")
+    in_cfg = by_name[input_layer].get("config", {})
+    input_shape = _input_shape(in_cfg.get("batch_shape") or in_cfg.get("batch_input_shape"), channels_first)
+
+    output_kind, strip_activation = "logits", False
+    final = by_name[output_layer]
+    if _is_softmax(final):
+        output_kind = "probabilities"
+        if _layer_class(final) in ("Softmax", "Activation"):
+            (output_layer,) = _inbound(final)
+        else:
+            strip_activation = True
+
+    # Only the layers the output depends on, in an order where inputs come first.
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting or name not in by_name:
+            raise _Unsupported(f"layer {name!r} is missing from the config or part of a cycle")
+        visiting.add(name)
+        for source in _inbound(by_name[name]):
+            visit(source)
+        order.append(name)
+
+    visit(output_layer)
+    names: dict[str, str] = {}
+    modules: dict[str, nn.Module] = {}
+    ranks: dict[str, int] = {input_layer: 4}
+    steps: list[Step] = []
+    classes: dict[str, str] = {}
+    for keras_name in order:
+        layer = by_name[keras_name]
+        cls, cfg = _layer_class(layer), dict(layer.get("config", {}))
+        if cls == "InputLayer":
+            if keras_name != input_layer:
+                raise _Unsupported(f"the model has more than one input ({keras_name!r})")
+            continue
+        if strip_activation and keras_name == output_layer:
+            cfg["activation"] = "linear"
+        sources = _inbound(layer)
+        name = module_name(keras_name, modules)
+        names[keras_name] = name
+        classes[keras_name] = cls
+        modules[name], ranks[keras_name] = _convert_layer(
+            cls, cfg, read_weights(keras_name, cls), [ranks[s] for s in sources], channels_first
+        )
+        steps.append(Step(name, tuple(sources), keras_name))
+
+    conv = [k for k in order if classes.get(k) == "Conv2D"]
+    dense = [k for k in order if classes.get(k) == "Dense"]
+    feeding = _inbound(by_name[dense[-1]]) if dense else []
+    return ConvertedModel(
+        network=GraphNetwork(input_layer, steps, output_layer, modules),
+        input_shape=input_shape,
+        output_kind=output_kind,
+        softmax_removed=output_kind == "probabilities",
+        last_conv_layer=names[conv[-1]] if conv else None,
+        penultimate_layer=names.get(feeding[0]) if len(feeding) == 1 else None,
+    )
+
+
+# -- layers ----------------------------------------------------------------------------------
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    a, b = value
+    return int(a), int(b)
+
+
+def _activation(name: str | None) -> nn.Module | None:
+    if name in (None, "linear"):
+        return None
+    table: dict[str, Callable[[], nn.Module]] = {
+        "relu": nn.ReLU,
+        "relu6": nn.ReLU6,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "elu": nn.ELU,
+        "selu": nn.SELU,
+        "softplus": nn.Softplus,
+        "swish": nn.SiLU,
+        "silu": nn.SiLU,
+        "softmax": lambda: nn.Softmax(dim=1),
+    }
+    if name not in table:
+        raise _Unsupported(f"unsupported activation {name!r}; supported: linear, {', '.join(table)}")
+    return table[name]()
+
+
+def _need(weights: dict[str, np.ndarray], key: str, layer: str) -> torch.Tensor:
+    if key not in weights:
+        raise _Unsupported(f"layer {layer!r} has no {key!r} weight in the file")
+    return torch.from_numpy(np.ascontiguousarray(weights[key]))
+
+
+def _convert_layer(
+    cls: str, cfg: dict[str, Any], weights: dict[str, np.ndarray], ranks: list[int], channels_first: bool = False
+) -> tuple[nn.Module, int]:
+    """One Keras layer as a PyTorch module working on N×C×H×W tensors, and its output rank.
+
+    ``ranks`` are the ranks (2 or 4) of the layer's inputs.
+    """
+    name = str(cfg.get("name", cls))
+    rank = ranks[0] if ranks else 4
+    if cls not in SUPPORTED_LAYERS:
+        raise _Unsupported(
+            f"unsupported Keras layer type {cls!r} (layer {name!r}); supported: {', '.join(SUPPORTED_LAYERS)}"
+        )
+    if len(ranks) > 1 and cls not in ("Add", "Concatenate"):
+        raise _Unsupported(f"layer {name!r} ({cls}) has {len(ranks)} inputs")
+    if cls == "Conv2D":
+        return _conv2d(cfg, weights, name), 4
+    if cls == "Dense":
+        if rank != 2:
+            raise _Unsupported(f"Dense layer {name!r} is applied to an image-shaped tensor; add a Flatten before it")
+        kernel = _need(weights, "kernel", name)
+        dense = nn.Linear(kernel.shape[0], kernel.shape[1], bias=bool(cfg.get("use_bias", True)))
+        with torch.no_grad():
+            dense.weight.copy_(kernel.T)
+            if dense.bias is not None:
+                dense.bias.copy_(_need(weights, "bias", name))
+        return chain(("dense", dense), ("activation", _activation(cfg.get("activation")))), 2
+    if cls in ("MaxPooling2D", "AveragePooling2D"):
+        pool_size = _pair(cfg.get("pool_size", 2))
+        stride = _pair(cfg.get("strides") or pool_size)
+        same = cfg.get("padding", "valid") == "same"
+        if cls == "MaxPooling2D":
+            pad = SamePad2d(pool_size, stride, value=float("-inf")) if same else None
+            return chain(("pad", pad), ("pool", nn.MaxPool2d(pool_size, stride))), 4
+        return (SameAvgPool2d(pool_size, stride) if same else nn.AvgPool2d(pool_size, stride)), 4
+    if cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
+        pool: nn.Module = nn.AdaptiveAvgPool2d(1) if cls == "GlobalAveragePooling2D" else nn.AdaptiveMaxPool2d(1)
+        if cfg.get("keepdims"):
+            return pool, 4
+        return nn.Sequential(OrderedDict(pool=pool, flatten=nn.Flatten())), 2
+    if cls == "BatchNormalization":
+        axis = cfg.get("axis", -1)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        channel_axes = {1} if channels_first else {-1, rank - 1}
+        if axis not in channel_axes:
+            raise _Unsupported(
+                f"BatchNormalization {name!r} normalises axis {axis}; only the channel axis is supported"
+            )
+        mean = _need(weights, "moving_mean", name)
+        gamma = weights.get("gamma", np.ones(len(mean), np.float32))
+        beta = weights.get("beta", np.zeros(len(mean), np.float32))
+        return batch_norm(gamma, beta, mean, _need(weights, "moving_variance", name), cfg.get("epsilon", 1e-3)), rank
+    if cls in _IDENTITY_LAYERS:
+        return nn.Identity(), rank
+    if cls == "Flatten":
+        if cfg.get("data_format") == "channels_first":
+            return nn.Flatten(), 2
+        return ChannelsLastFlatten(), 2
+    if cls == "Activation":
+        return _activation(cfg.get("activation")) or nn.Identity(), rank
+    if cls == "Softmax":
+        return nn.Softmax(dim=1), rank
+    if cls == "ReLU":
+        if float(cfg.get("threshold") or 0.0) != 0.0:
+            raise _Unsupported(f"ReLU {name!r} has a non-zero threshold")
+        slope = float(cfg.get("negative_slope") or 0.0)
+        base: nn.Module = nn.LeakyReLU(slope) if slope else nn.ReLU()
+        if cfg.get("max_value") is not None:
+            return chain(("relu", base), ("clip", nn.Hardtanh(float("-inf"), float(cfg["max_value"])))), rank
+        return base, rank
+    if cls == "LeakyReLU":
+        return nn.LeakyReLU(float(cfg.get("negative_slope", cfg.get("alpha", 0.3)))), rank
+    if cls == "ZeroPadding2D":
+        padding = cfg.get("padding", 1)
+        if isinstance(padding, int):
+            top = bottom = left = right = padding
+        elif isinstance(padding[0], int):
+            (top, left), (bottom, right) = padding, padding
+        else:
+            (top, bottom), (left, right) = padding
+        return nn.ZeroPad2d((left, right, top, bottom)), 4
+    if cls == "Add":
+        return Add(), rank
+    # Concatenate: Keras' channel axis -1 is dimension 1 of a channels-first tensor.
+    axis = int(cfg.get("axis", -1))
+    if axis not in (-1, rank - 1):
+        raise _Unsupported(f"Concatenate {name!r} joins along axis {axis}; only the channel axis is supported")
+    return Concat(1), rank
+
+
+def _conv2d(cfg: dict[str, Any], weights: dict[str, np.ndarray], name: str) -> nn.Module:
+    kernel = _need(weights, "kernel", name)  # (kh, kw, in/groups, out)
+    if kernel.dim() != 4:
+        raise _Unsupported(f"Conv2D {name!r} has a kernel of shape {tuple(kernel.shape)}")
+    kh, kw, cin_per_group, cout = kernel.shape
+    groups = int(cfg.get("groups", 1))
+    stride, dilation = _pair(cfg.get("strides", 1)), _pair(cfg.get("dilation_rate", 1))
+    padding_mode = cfg.get("padding", "valid")
+    if padding_mode not in ("valid", "same"):
+        raise _Unsupported(f"Conv2D {name!r} uses padding {padding_mode!r}")
+    pad: nn.Module | None = None
+    padding: tuple[int, int] = (0, 0)
+    if padding_mode == "same":
+        symmetric = stride == (1, 1) and (kh - 1) * dilation[0] % 2 == 0 and (kw - 1) * dilation[1] % 2 == 0
+        if symmetric:
+            padding = ((kh - 1) * dilation[0] // 2, (kw - 1) * dilation[1] // 2)
+        else:
+            pad = SamePad2d((kh, kw), stride, dilation)
+    conv = nn.Conv2d(
+        cin_per_group * groups,
+        cout,
+        (kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bool(cfg.get("use_bias", True)),
+    )
+    with torch.no_grad():
+        conv.weight.copy_(kernel.permute(3, 2, 0, 1))
+        if conv.bias is not None:
+            conv.bias.copy_(_need(weights, "bias", name))
+    return chain(("pad", pad), ("conv", conv), ("activation", _activation(cfg.get("activation"))))

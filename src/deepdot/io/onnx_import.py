@@ -1,0 +1,455 @@
+"""ONNX models converted to PyTorch, so deepdot can take gradients through them.
+
+The file is parsed with the ``onnx`` package (the optional ``formats`` extra; imported only
+here) and every node becomes a standard PyTorch layer (``nn.Conv2d``, ``nn.Linear``,
+``nn.BatchNorm2d`` …) registered under a name derived from the node's weights or name. Nothing in
+the file is executed; weights stored outside the file (ONNX "external data") are refused rather
+than read from paths the file names.
+
+Supported operators: see :data:`SUPPORTED_OPS`. ``Reshape`` with a constant target shape always
+keeps the batch dimension (image classifiers never mix images), so models exported with a fixed
+batch size of 1 still take batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepdot.errors import ModelError
+from deepdot.io.convert import (
+    Add,
+    Arithmetic,
+    Concat,
+    ConvertedModel,
+    GraphNetwork,
+    Permute,
+    SamePad2d,
+    Step,
+    batch_norm,
+    chain,
+    module_name,
+)
+
+SUPPORTED_OPS = (
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "BatchNormalization",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Dropout",
+    "Identity",
+    "Constant",
+)
+
+
+#: Operators whose constant inputs are passed at run time; other operators bake them into the layer.
+_RUNTIME_CONSTANT_OPS = ("Add", "Sub", "Mul", "Div", "Concat", "Gather")
+
+
+class _Unsupported(Exception):
+    """Something the converter cannot handle (becomes a ModelError naming the file)."""
+
+
+def load_onnx(path: str | Path) -> ConvertedModel:
+    """Convert an ONNX model file to PyTorch.
+
+    Raises:
+        ModelError: the ``onnx`` package is missing, the file is corrupt or truncated, uses an
+            unsupported operator, keeps its weights in external files, or has several inputs/outputs.
+    """
+    p = Path(path)
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError as exc:
+        raise ModelError(f"{p}: reading ONNX models needs the onnx package: pip install 'deepdot[formats]'") from exc
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model ({detail})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model (its graph has no nodes)")
+    try:
+        converted = _convert_graph(model.graph, onnx)
+    except _Unsupported as exc:
+        raise ModelError(f"{p}: {exc}") from exc
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    return ConvertedModel(
+        network=converted.network,
+        input_shape=converted.input_shape,
+        output_kind=converted.output_kind,
+        softmax_removed=converted.softmax_removed,
+        last_conv_layer=converted.last_conv_layer,
+        penultimate_layer=converted.penultimate_layer,
+        metadata=metadata,
+    )
+
+
+def _attributes(node: Any, onnx: Any) -> dict[str, Any]:
+    return {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+def _to_tensor(proto: Any, onnx: Any) -> torch.Tensor:
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        raise _Unsupported(
+            f"tensor {proto.name!r} is stored in an external file; deepdot reads self-contained ONNX only"
+        )
+    array = onnx.numpy_helper.to_array(proto)
+    if array.dtype.kind == "f":
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
+    constants: dict[str, torch.Tensor] = {init.name: _to_tensor(init, onnx) for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in constants]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise _Unsupported(
+            f"the model has {len(inputs)} inputs and {len(graph.output)} outputs; deepdot needs one of each"
+        )
+    graph_input = inputs[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
+    input_shape, channels_last = _image_shape(dims)
+
+    producers = {out: node for node in graph.node for out in node.output}
+    output_name = graph.output[0].name
+    output_kind, softmax_removed = "logits", False
+    final = _skip_identities(output_name, producers)
+    if final is not None and final.op_type == "Softmax" and _attributes(final, onnx).get("axis", -1) in (1, -1):
+        output_kind, softmax_removed = "probabilities", True
+        output_name = final.input[0]
+
+    layers: dict[str, nn.Module] = {}
+    steps: list[Step] = []
+    kinds: list[tuple[str, str]] = []  # (module name, op type), in order
+    input_name = graph_input.name
+    if channels_last:  # deepdot feeds N×C×H×W; the graph wants N×H×W×C
+        input_name = "deepdot_nchw_input"
+        layers["to_channels_last"] = Permute((0, 2, 3, 1))
+        steps.append(Step("to_channels_last", (input_name,), graph_input.name))
+    needed = _needed_nodes(output_name, producers)
+    for node in graph.node:
+        if id(node) not in needed:
+            continue
+        attrs = _attributes(node, onnx)
+        if node.op_type == "Constant":
+            constants[node.output[0]] = _to_tensor(attrs["value"], onnx) if "value" in attrs else _constant(attrs)
+            continue
+        if node.op_type == "Identity" and node.input[0] in constants:  # an alias of a weight
+            constants[node.output[0]] = constants[node.input[0]]
+            continue
+        module = _convert_node(node, attrs, constants)
+        name = module_name(_preferred_name(node, constants), layers, fallback=node.op_type.lower())
+        layers[name] = module
+        args = tuple(
+            i
+            for position, i in enumerate(node.input)
+            if i and (i not in constants or position == 0 or node.op_type in _RUNTIME_CONSTANT_OPS)
+        )
+        steps.append(Step(name, args, node.output[0]))
+        kinds.append((name, node.op_type))
+    used = {i for step in steps for i in step.inputs}
+    network = GraphNetwork(input_name, steps, output_name, layers, {k: v for k, v in constants.items() if k in used})
+    convs = [n for n, op in kinds if op == "Conv"]
+    dense = [i for i, (_, op) in enumerate(kinds) if op in ("Gemm", "MatMul")]
+    last_conv = convs[-1] if convs else None
+    if last_conv is not None:  # its activation (or residual sum), before the features are flattened
+        position = [n for n, _ in kinds].index(last_conv)
+        for name, op in kinds[position + 1 :]:
+            if op in ("Flatten", "Reshape", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul"):
+                break
+            if op in ("Relu", "LeakyRelu", "BatchNormalization", "Add"):
+                last_conv = name
+    penultimate = kinds[dense[-1] - 1][0] if dense and dense[-1] > 0 else None
+    return ConvertedModel(
+        network=network,
+        input_shape=input_shape,
+        output_kind=output_kind,
+        softmax_removed=softmax_removed,
+        last_conv_layer=last_conv,
+        penultimate_layer=penultimate,
+    )
+
+
+def _image_shape(dims: Sequence[int | None]) -> tuple[tuple[int, int, int] | None, bool]:
+    """((C, H, W) or None when not fixed, whether the input is channels-last N×H×W×C)."""
+    if len(dims) != 4:
+        raise _Unsupported(f"the model's input has {len(dims)} dimensions; deepdot needs images (N×C×H×W)")
+    shape = list(dims[1:])
+    if any(d is None or d <= 0 for d in shape):
+        return None, False
+    c, h, w = (int(d) for d in shape)  # type: ignore[arg-type]
+    if c not in (1, 3, 4) and w in (1, 3, 4):
+        return (w, c, h), True
+    return (c, h, w), False
+
+
+def _skip_identities(name: str, producers: dict[str, Any]) -> Any:
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Identity", "Dropout"):
+        node = producers.get(node.input[0])
+    return node
+
+
+def _needed_nodes(output: str, producers: dict[str, Any]) -> set[int]:
+    """ids of the nodes the output depends on."""
+    needed: set[int] = set()
+    stack = [output]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(i for i in node.input if i)
+    return needed
+
+
+def _constant(attrs: dict[str, Any]) -> torch.Tensor:
+    for key in ("value_float", "value_int"):
+        if key in attrs:
+            return torch.tensor(attrs[key])
+    for key in ("value_floats", "value_ints"):
+        if key in attrs:
+            return torch.tensor(list(attrs[key]))
+    raise _Unsupported(f"unsupported Constant node form ({', '.join(attrs)})")
+
+
+def _preferred_name(node: Any, constants: dict[str, torch.Tensor]) -> str:
+    """``conv1`` for a node whose weight is ``conv1.weight`` (PyTorch exports), else the node name."""
+    for i in node.input[1:2]:
+        if i in constants and i.endswith(".weight"):
+            return i[: -len(".weight")]
+    return node.name or node.op_type.lower()
+
+
+def _need_constant(node: Any, position: int, constants: dict[str, torch.Tensor]) -> torch.Tensor:
+    if len(node.input) <= position or node.input[position] not in constants:
+        raise _Unsupported(f"{node.op_type} node {node.name!r} needs a constant input {position} (a weight)")
+    return constants[node.input[position]]
+
+
+def _pads(attrs: dict[str, Any]) -> tuple[int, int, int, int]:
+    """ONNX pads (top, left, bottom, right)."""
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if len(pads) != 4:
+        raise _Unsupported(f"only 2-D convolutions and pools are supported (pads {pads})")
+    return pads[0], pads[1], pads[2], pads[3]
+
+
+def _same_pad(attrs: dict[str, Any], kernel: Sequence[int], value: float = 0.0) -> nn.Module | None:
+    mode = attrs.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        strides = list(attrs.get("strides", [1, 1]))
+        return SamePad2d(kernel, strides, list(attrs.get("dilations", [1, 1])), value, lower=mode == "SAME_LOWER")
+    return None
+
+
+def _asymmetric_pad(pads: tuple[int, int, int, int], value: float = 0.0) -> tuple[nn.Module | None, tuple[int, int]]:
+    """(explicit padding layer or None, symmetric padding for the torch layer)."""
+    top, left, bottom, right = pads
+    if (top, left) == (bottom, right):
+        return None, (top, left)
+    return nn.ConstantPad2d((left, right, top, bottom), value), (0, 0)
+
+
+def _convert_node(node: Any, attrs: dict[str, Any], constants: dict[str, torch.Tensor]) -> nn.Module:
+    op = node.op_type
+    simple: dict[str, Callable[[], nn.Module]] = {
+        "Relu": nn.ReLU,
+        "Sigmoid": nn.Sigmoid,
+        "Tanh": nn.Tanh,
+        "Identity": nn.Identity,
+        "Dropout": nn.Identity,
+        "GlobalAveragePool": lambda: nn.AdaptiveAvgPool2d(1),
+        "GlobalMaxPool": lambda: nn.AdaptiveMaxPool2d(1),
+        "Add": Add,
+        "Sub": lambda: Arithmetic("sub"),
+        "Mul": lambda: Arithmetic("mul"),
+        "Div": lambda: Arithmetic("div"),
+        "Shape": _Shape,
+    }
+    if op in simple:
+        return simple[op]()
+    if op == "Conv":
+        return _conv(node, attrs, constants)
+    if op == "Gemm":
+        if attrs.get("transA", 0):
+            raise _Unsupported(f"Gemm node {node.name!r} transposes its input (transA=1)")
+        weight = _need_constant(node, 1, constants) * float(attrs.get("alpha", 1.0))
+        weight = weight if attrs.get("transB", 0) else weight.T
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=len(node.input) > 2 and bool(node.input[2]))
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                bias = _need_constant(node, 2, constants) * float(attrs.get("beta", 1.0))
+                linear.bias.copy_(bias.reshape(-1).expand(weight.shape[0]))
+        return linear
+    if op == "MatMul":
+        weight = _need_constant(node, 1, constants)
+        if weight.dim() != 2:
+            raise _Unsupported(f"MatMul node {node.name!r} multiplies by a {weight.dim()}-D tensor")
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(weight.T)
+        return linear
+    if op == "LeakyRelu":
+        return nn.LeakyReLU(float(attrs.get("alpha", 0.01)))
+    if op == "Softmax":
+        return nn.Softmax(dim=int(attrs.get("axis", -1)))
+    if op in ("MaxPool", "AveragePool"):
+        return _pool(node, attrs)
+    if op == "BatchNormalization":
+        scale, bias, mean, var = (_need_constant(node, i, constants) for i in range(1, 5))
+        return batch_norm(scale, bias, mean, var, float(attrs.get("epsilon", 1e-5)))
+    if op == "Flatten":
+        axis = int(attrs.get("axis", 1))
+        return nn.Flatten() if axis == 1 else _Flatten(axis)
+    if op == "Reshape":
+        if len(node.input) > 1 and node.input[1] in constants:
+            return _Reshape([int(v) for v in constants[node.input[1]].tolist()])
+        return _Reshape(None)
+    if op == "Transpose":
+        return Permute(attrs["perm"])
+    if op == "Concat":
+        return Concat(int(attrs["axis"]))
+    if op == "Gather":
+        return _Gather(int(attrs.get("axis", 0)))
+    if op == "Unsqueeze":
+        axes = attrs.get("axes")
+        if axes is None:
+            axes = _need_constant(node, 1, constants).tolist()
+        return _Unsqueeze([int(a) for a in axes])
+    raise _Unsupported(f"unsupported ONNX operator {op!r} (node {node.name!r}); supported: {', '.join(SUPPORTED_OPS)}")
+
+
+def _conv(node: Any, attrs: dict[str, Any], constants: dict[str, torch.Tensor]) -> nn.Module:
+    weight = _need_constant(node, 1, constants)
+    if weight.dim() != 4:
+        raise _Unsupported(f"Conv node {node.name!r} is not a 2-D convolution (weight {tuple(weight.shape)})")
+    cout, cin_per_group, kh, kw = weight.shape
+    groups = int(attrs.get("group", 1))
+    same = _same_pad(attrs, (kh, kw))
+    pad, padding = _asymmetric_pad(_pads(attrs)) if same is None else (same, (0, 0))
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    conv = nn.Conv2d(
+        cin_per_group * groups,
+        cout,
+        (kh, kw),
+        stride=tuple(attrs.get("strides", [1, 1])),
+        padding=padding,
+        dilation=tuple(attrs.get("dilations", [1, 1])),
+        groups=groups,
+        bias=has_bias,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if conv.bias is not None:
+            conv.bias.copy_(_need_constant(node, 2, constants))
+    return chain(("pad", pad), ("conv", conv))
+
+
+def _pool(node: Any, attrs: dict[str, Any]) -> nn.Module:
+    kernel = tuple(attrs["kernel_shape"])
+    if len(kernel) != 2:
+        raise _Unsupported(f"{node.op_type} node {node.name!r} is not a 2-D pool")
+    strides = tuple(attrs.get("strides", [1, 1]))
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    is_max = node.op_type == "MaxPool"
+    fill = float("-inf") if is_max else 0.0
+    same = _same_pad(attrs, kernel, fill)
+    pad, padding = _asymmetric_pad(_pads(attrs), fill) if same is None else (same, (0, 0))
+    if is_max:
+        dilation = tuple(attrs.get("dilations", [1, 1]))
+        pool: nn.Module = nn.MaxPool2d(kernel, strides, padding, dilation=dilation, ceil_mode=ceil_mode)
+    else:
+        count_pad = bool(attrs.get("count_include_pad", 0))
+        if pad is not None and not count_pad:
+            raise _Unsupported(f"AveragePool node {node.name!r} has asymmetric padding that must not be counted")
+        pool = nn.AvgPool2d(kernel, strides, padding, ceil_mode=ceil_mode, count_include_pad=count_pad)
+    return chain(("pad", pad), ("pool", pool))
+
+
+class _Flatten(nn.Module):
+    """ONNX ``Flatten`` with an axis other than 1: a 2-D tensor split before ``axis``."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % x.dim() if x.dim() else 0
+        lead = int(np.prod(x.shape[:axis])) if axis else 1
+        return x.reshape(lead, -1)
+
+
+class _Reshape(nn.Module):
+    """ONNX ``Reshape`` (0 copies a dimension, -1 is inferred), keeping the batch dimension.
+
+    Args:
+        shape: the constant target shape, or None when it is computed in the graph.
+    """
+
+    def __init__(self, shape: list[int] | None) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        target = self.shape if self.shape is not None else [int(v) for v in shape.tolist()]  # type: ignore[union-attr]
+        dims = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        if self.shape is not None and dims:
+            dims[0] = x.shape[0]
+        return x.reshape(dims)
+
+
+class _Shape(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(x.shape, dtype=torch.long)
+
+
+class _Gather(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(x, self.axis, index.reshape(-1).long()).reshape(
+            x.shape[: self.axis] + index.shape + x.shape[self.axis + 1 :]
+        )
+
+
+class _Unsqueeze(nn.Module):
+    def __init__(self, axes: list[int]) -> None:
+        super().__init__()
+        self.axes = sorted(axes)
+
+    def forward(self, x: torch.Tensor, *_axes: torch.Tensor) -> torch.Tensor:
+        for axis in self.axes:
+            x = x.unsqueeze(axis)
+        return x
