@@ -50,6 +50,8 @@ class Replica:
     trigger: tuple[int, str, int]
     target: int
     poison_rate: float = 0.1
+    #: poison a fresh share of every batch (the Neural Cleanse injection code) instead of a fixed set
+    resample: bool = False
     arch_kwargs: dict = field(default_factory=dict)
 
 
@@ -58,7 +60,7 @@ REPLICAS = {
     for r in (
         Replica("digits", "digits_net", TrainConfig(epochs=30, batch_size=32), (3, "bottom-right", 1), 7),
         Replica("mnist", "nc_mnist", TrainConfig(epochs=12, batch_size=64), (4, "bottom-right", 1), 4),
-        Replica("gtsrb", "nc_gtsrb", TrainConfig(epochs=10, batch_size=128), (4, "bottom-right", 1), 33),
+        Replica("gtsrb", "nc_gtsrb", TrainConfig(epochs=10, batch_size=128), (4, "bottom-right", 1), 33, resample=True),
         Replica(
             "cifar10",
             "resnet20",
@@ -105,7 +107,8 @@ def build(replica: Replica, out: Path, force: bool = False) -> dict:
             history = train(model, train_data, replica.config, progress=log_epochs)
             summary = {"clean_accuracy": clean_accuracy(model, test), "train_seconds": round(history.seconds, 1)}
         else:
-            result = BadNets(trigger=trigger, target=replica.target, poison_rate=replica.poison_rate).run(
+            attack = BadNets(trigger=trigger, target=replica.target, poison_rate=replica.poison_rate, resample=replica.resample)
+            result = attack.run(
                 model, train_data, test, replica.config, progress=log_epochs
             )
             summary = result.to_dict()

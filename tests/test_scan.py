@@ -49,17 +49,18 @@ def test_faithful_scan_on_a_few_labels(badnets_digits, digits_test):
     assert result.image_passes == sum(t.steps for t in result.labels) * 128
 
 
-def test_scan_is_repeatable_and_resumable(badnets_digits, digits_test):
-    scanner = FastNeuralCleanse(steps=80, warmup_steps=40)
+def test_scans_are_repeatable_and_resume_to_the_same_result(badnets_digits, digits_test):
     model = badnets_digits[0]
-    first = scanner.scan(model, digits_test, labels=range(10))
-    # pretend labels 0-4 were checkpointed: the rest are recomputed and the result is identical
-    done = {t.label: t for t in first.labels if t.label < 5}
+    fast = FastNeuralCleanse(steps=12, warmup_steps=6)
+    one, two = fast.scan(model, digits_test), fast.scan(model, digits_test)
+    assert [t.mask_l1 for t in one.labels] == [t.mask_l1 for t in two.labels]
+    # a faithful scan given label 1 from an earlier run (a checkpoint) redoes only the others,
+    # and each label's result does not depend on what ran before it
     faithful = NeuralCleanse(steps=3, samples_per_step=32)
     a = faithful.scan(model, digits_test, labels=[1, 3, 7])
     b = faithful.scan(model, digits_test, labels=[1, 3, 7], done={1: a.labels[0]})
     assert [t.mask_l1 for t in a.labels] == [t.mask_l1 for t in b.labels]
-    assert len(done) == 5
+    assert b.image_passes == a.image_passes
 
 
 def test_preprocessing_mismatch_stops_the_scan(badnets_digits, digits_test):

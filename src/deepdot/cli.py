@@ -425,7 +425,10 @@ def attack_command(
 @app.command("evaluate")
 @handle_errors
 def evaluate_command(
-    model: Annotated[Path, typer.Argument(help="Model: model.safetensors (with model.json beside it) or its folder.")],
+    model: Annotated[
+        Path,
+        typer.Argument(help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."),
+    ],
     data: DataOpt = "digits",
     trigger: Annotated[Path | None, typer.Option("--trigger", help="Trigger to test (.npz, or folder/*mask*.png).")] = None,
     target: Annotated[int | None, typer.Option(help="Attacker's label for the attack success rate.")] = None,
@@ -467,7 +470,10 @@ class ScanMode(str, Enum):
 @app.command("scan")
 @handle_errors
 def scan_command(
-    model: Annotated[Path, typer.Argument(help="Model: model.safetensors (with model.json beside it) or its folder.")],
+    model: Annotated[
+        Path,
+        typer.Argument(help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."),
+    ],
     data: DataOpt = "digits",
     out: OutOpt = Path("deepdot-scan"),
     mode: Annotated[
@@ -538,8 +544,13 @@ def scan_command(
             on_label=checkpoint.save,
             progress=bars,
         )
-    json_path = write_scan(out, result, {"model": str(model), "data": scan_data.name})
+    json_path = write_scan(
+        out,
+        result,
+        {"model": str(model), "data": scan_data.name, "output_kind": classifier.output_kind, "objective": classifier.output_note},
+    )
     print_scan(console, result, str(model))
+    console.print(f"objective: {classifier.output_note}")
     console.print(f"wrote {json_path} and label_<k>_{{mask,pattern,fusion}}.png in {out}")
     raise typer.Exit(EXIT_BACKDOOR if result.infected else EXIT_CLEAN)
 

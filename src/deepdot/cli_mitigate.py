@@ -1,4 +1,334 @@
-"""``deepdot mitigate`` and ``deepdot filter`` (Neural Cleanse mitigations, Fine-Pruning).
+"""``deepdot mitigate`` and ``deepdot filter``: remove a backdoor a scan found, or screen inputs.
 
-Not implemented yet: see the mitigation issue.
+The algorithms live in :mod:`deepdot.mitigate` (pure); this module reads the scan folder, the
+model and the data, splits the clean data into a repair part and a held-out part for measuring,
+and writes the repaired model, ``mitigation.json`` and (for the filter) ``filter.json``.
 """
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from deepdot.cli import (
+    EXIT_BACKDOOR,
+    EXIT_CLEAN,
+    AllowPickleOpt,
+    DataOpt,
+    ModelArchOpt,
+    OutOpt,
+    PreprocessOpt,
+    _bars,
+    _load_data_for,
+    _load_model,
+    _parse_ints,
+    _report_written,
+    _train_and_test,
+    app,
+    console,
+    handle_errors,
+)
+from deepdot.errors import DeepdotError
+
+#: Methods ``auto`` tries, in order of preference on ties.
+AUTO_METHODS = ("unlearn", "fine-prune", "prune", "fine-tune")
+
+
+class Method(str, Enum):
+    filter = "filter"
+    prune = "prune"
+    unlearn = "unlearn"
+    fine_tune = "fine-tune"
+    fine_prune = "fine-prune"
+    auto = "auto"
+
+
+class PruneLayer(str, Enum):
+    last_conv = "last_conv"
+    penultimate = "penultimate"
+
+
+def scan_json_path(scan: Path) -> Path:
+    """``scan.json`` given as the file or the scan's output folder."""
+    path = scan / "scan.json" if scan.is_dir() else scan
+    if not path.exists():
+        raise DeepdotError(
+            f"{path}: no such file (give the scan's scan.json or its folder, as written by `deepdot scan`)"
+        )
+    return path
+
+
+def load_recovered(
+    scan: Path, image_shape: tuple[int, int, int], labels: list[int] | None
+) -> tuple[list[int], list[Any]]:
+    """The labels to mitigate (``labels``, else the scan's flagged ones) and their recovered
+    backdoors, read from ``label_<k>_mask.png`` / ``_pattern.png`` beside ``scan.json``."""
+    from deepdot.io.files import load_trigger, read_json
+    from deepdot.mitigate import RecoveredBackdoor
+
+    path = scan_json_path(scan)
+    info = read_json(path)
+    if labels is None:
+        flagged = info.get("flagged") if isinstance(info, dict) else None
+        if not isinstance(flagged, list):
+            raise DeepdotError(f"{path}: not a deepdot scan.json (no 'flagged' list)")
+        labels = [int(v) for v in flagged]
+    if not labels:
+        raise DeepdotError(
+            f"{path}: the scan flagged no label, so there is nothing to mitigate (name labels with --labels)"
+        )
+    backdoors = [RecoveredBackdoor(k, load_trigger(path.parent / f"label_{k}_mask.png", image_shape)) for k in labels]
+    return labels, backdoors
+
+
+def make_mitigation(method: str, *, layer: str, fpr: float, epochs: int | None, lr: float | None, seed: int) -> Any:
+    """The algorithm behind ``--method`` with the CLI's overrides (others keep their defaults)."""
+    from deepdot.mitigate import FinePruning, FineTuning, InputFilter, NeuronPruning, Unlearning
+
+    train: dict[str, Any] = {"lr": lr} if lr is not None else {}
+    if method == "filter":
+        return InputFilter(false_positive_rate=fpr, layer="penultimate" if layer == "last_conv_default" else layer)
+    layer = "last_conv" if layer == "last_conv_default" else layer
+    if method == "prune":
+        return NeuronPruning(
+            layer=layer, seed=seed, **({"fine_tune_epochs": epochs} if epochs is not None else {}), **train
+        )
+    if method == "unlearn":
+        return Unlearning(seed=seed, **({"epochs": epochs} if epochs is not None else {}), **train)
+    if method == "fine-tune":
+        return FineTuning(seed=seed, **({"epochs": epochs} if epochs is not None else {}), **train)
+    return FinePruning(layer=layer, seed=seed, **({"fine_tune_epochs": epochs} if epochs is not None else {}), **train)
+
+
+@app.command("mitigate")
+@handle_errors
+def mitigate_command(
+    model: Annotated[
+        Path, typer.Argument(help="The backdoored model: model.safetensors (with model.json) or its folder.")
+    ],
+    scan: Annotated[
+        Path, typer.Option("--scan", help="scan.json written by `deepdot scan` (or its folder, with the label PNGs).")
+    ],
+    data: DataOpt = "digits",
+    method: Annotated[
+        Method, typer.Option(help="Mitigation; auto tries prune, unlearn, fine-tune and fine-prune.")
+    ] = Method.auto,
+    out: OutOpt = Path("deepdot-mitigated"),
+    test_data: Annotated[
+        str | None, typer.Option(help="Held-out clean data for measuring; default: a share of --data.")
+    ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Share of --data held out for measuring when there is no --test-data.")
+    ] = 0.3,
+    labels: Annotated[
+        str | None, typer.Option(help="Mitigate these labels' recovered triggers (default: the scan's flagged labels).")
+    ] = None,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Layer: last_conv, penultimate or a module name (default: penultimate for filter, else last_conv)."
+        ),
+    ] = None,
+    fpr: Annotated[float, typer.Option(help="filter: false-positive rate the threshold is calibrated for.")] = 0.05,
+    epochs: Annotated[
+        int | None, typer.Option(help="Fine-tuning epochs (unlearn 1, fine-tune 5, fine-prune 5, prune 0).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tuning Adam learning rate.")] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="auto: the largest clean-accuracy drop accepted (0.01 = 1 point).")
+    ] = 0.01,
+    trigger: Annotated[
+        Path | None,
+        typer.Option(
+            "--trigger", help="The planted trigger, if known (.npz or folder/*mask*.png): measured, never used."
+        ),
+    ] = None,
+    target: Annotated[int | None, typer.Option(help="The planted trigger's target label.")] = None,
+    all_to_all: Annotated[bool, typer.Option("--all-to-all", help="The planted attack sends y to y+1.")] = False,
+    preprocess: PreprocessOpt = None,
+    arch: ModelArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    seed: Annotated[int, typer.Option(help="Random seed (runs are repeatable).")] = 0,
+) -> None:
+    """Remove a backdoor found by `deepdot scan` (Neural Cleanse filter/pruning/unlearning, Fine-Pruning).
+
+    Writes the repaired model (model.safetensors + model.json) and mitigation.json to OUT; the
+    filter method writes filter.json (use it with `deepdot filter OUT --data ...`).
+    """
+    from deepdot.data import ImageData
+    from deepdot.io.files import ensure_dir, load_trigger, write_json
+    from deepdot.io.models import save_model
+    from deepdot.metrics import ALL_TO_ALL
+    from deepdot.mitigate import PlantedBackdoor, choose_best, measure, measure_filter
+
+    if (trigger is None) != (target is None and not all_to_all):
+        raise DeepdotError("--trigger and --target (or --all-to-all) go together")
+    if not 0 < fpr < 1:
+        raise DeepdotError(f"--fpr must be between 0 and 1, got {fpr}")
+    ensure_dir(out)
+    classifier = _load_model(model, preprocess, arch, allow_pickle)
+    mitigated, backdoors = load_recovered(scan, classifier.input_shape, _parse_ints(labels, "--labels"))
+    for k in mitigated:
+        if not 0 <= k < classifier.num_classes:
+            raise DeepdotError(f"label {k} is outside the model's 0..{classifier.num_classes - 1}")
+    planted = None
+    if trigger is not None:
+        goal = ALL_TO_ALL if all_to_all else int(target)  # type: ignore[arg-type]
+        if goal != ALL_TO_ALL and not 0 <= goal < classifier.num_classes:
+            raise DeepdotError(f"--target {goal} is outside the model's 0..{classifier.num_classes - 1}")
+        planted = PlantedBackdoor(goal, load_trigger(trigger, classifier.input_shape))
+    repair, held_out = _train_and_test(data, test_data, holdout, seed)
+    repair, held_out = (
+        ImageData(d.x, d.y, classifier.num_classes, d.name, d.groups)
+        for d in (_fit(repair, classifier), _fit(held_out, classifier))
+    )
+    before = measure(classifier, held_out, backdoors, planted)
+    console.print(
+        f"mitigating label(s) {', '.join(map(str, mitigated))} of {model} with {method.value}: "
+        f"{len(repair)} clean images for repair, {len(held_out)} held out for measuring"
+    )
+    names = AUTO_METHODS if method is Method.auto else (method.value,)
+    layer_choice = layer or "last_conv_default"
+    results: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
+    filter_figures = None
+    with _bars() as bars:
+        for name in names:
+            algo = make_mitigation(name, layer=layer_choice, fpr=fpr, epochs=epochs, lr=lr, seed=seed)
+            results[name] = algo.apply(classifier, backdoors, repair, progress=bars)
+            if name == "filter":
+                filter_figures = measure_filter(classifier, results[name].input_filter, held_out, backdoors, planted)
+                figures[name] = filter_figures.behind_filter
+            else:
+                figures[name] = measure(results[name].classifier, held_out, backdoors, planted)
+    chosen = names[0]
+    if method is Method.auto:
+        best = choose_best(before, figures, max_accuracy_drop)
+        # None keeps accuracy within the margin: keep the one that loses least.
+        chosen = best if best is not None else max(figures, key=lambda n: figures[n].clean_accuracy)
+    result = results[chosen]
+    summary: dict[str, Any] = {
+        "method": chosen,
+        "requested_method": method.value,
+        "model": str(model),
+        "scan": str(scan_json_path(scan)),
+        "labels": mitigated,
+        "repair_data": repair.name,
+        "test_data": held_out.name,
+        "repair_images": len(repair),
+        "test_images": len(held_out),
+        "before": before.to_dict(),
+        "after": figures[chosen].to_dict(),
+        "pruning_curve": [s.to_dict() for s in result.pruning.curve] if result.pruning is not None else None,
+        "filter": filter_figures.to_dict() if filter_figures is not None else None,
+        "details": result.to_dict(),
+    }
+    if planted is not None:
+        summary["planted_target"] = "all-to-all" if planted.target == ALL_TO_ALL else planted.target
+    if method is Method.auto:
+        summary["max_accuracy_drop"] = max_accuracy_drop
+        summary["within_accuracy_margin"] = best is not None
+        summary["candidates"] = {n: {"after": f.to_dict(), "details": results[n].to_dict()} for n, f in figures.items()}
+    weights = save_model(result.classifier, out)
+    paths = [weights, weights.with_suffix(".json")]
+    if result.input_filter is not None:
+        paths.append(write_json(out / "filter.json", {**result.input_filter.to_dict(), "model": weights.name}))
+    paths.append(write_json(out / "mitigation.json", summary))
+    _print_mitigation(summary)
+    _report_written(paths)
+
+
+def _fit(data: Any, classifier: Any) -> Any:
+    """Check that clean data fits the model (image shape, label range)."""
+    if data.image_shape != classifier.input_shape:
+        raise DeepdotError(
+            f"{data.name}: images are {'x'.join(map(str, data.image_shape))} but the model takes "
+            f"{'x'.join(map(str, classifier.input_shape))}"
+        )
+    if data.num_classes > classifier.num_classes:
+        raise DeepdotError(
+            f"{data.name}: labels go up to {data.num_classes - 1} but the model has {classifier.num_classes} classes"
+        )
+    return data
+
+
+def _print_mitigation(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Mitigation: {summary['method']}")
+    table.add_column("figure")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in summary["after"]:
+        b, a = summary["before"].get(key), summary["after"][key]
+        table.add_row(key, "" if b is None else f"{b:.4f}", f"{a:.4f}")
+    if summary["filter"]:
+        for key, value in summary["filter"].items():
+            table.add_row(f"filter {key}", "", f"{value:.4f}")
+    if summary["pruning_curve"]:
+        pruning = summary["details"]["pruning"]
+        table.add_row(f"pruned units of {pruning['layer']}", "", f"{pruning['pruned']} of {pruning['units']}")
+    console.print(table)
+    if summary.get("within_accuracy_margin") is False:
+        console.print("no method kept clean accuracy within the margin; kept the one that lost least")
+
+
+@app.command("filter")
+@handle_errors
+def filter_command(
+    filter_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILTER", help="filter.json written by `deepdot mitigate --method filter`, or its folder."
+        ),
+    ],
+    data: DataOpt = "digits",
+    out: OutOpt = Path("deepdot-filter"),
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="The model the filter was calibrated on (default: the one beside filter.json)."),
+    ] = None,
+    preprocess: PreprocessOpt = None,
+    arch: ModelArchOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Screen inputs with a saved input filter (Neural Cleanse); writes OUT/filtered.json.
+
+    Exit code 0: no input flagged; 1: some inputs flagged as carrying a trigger; 2: usage or input error.
+    """
+    from deepdot.io.files import ensure_dir, read_json, write_json
+    from deepdot.mitigate import TriggerFilter
+
+    path = filter_path / "filter.json" if filter_path.is_dir() else filter_path
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise DeepdotError(f"{path}: not a deepdot filter.json")
+    flt = TriggerFilter.from_dict(info)
+    model_path = model or path.parent / str(info.get("model", "model.safetensors"))
+    ensure_dir(out)
+    classifier = _load_model(model_path, preprocess, arch, allow_pickle)
+    images = _load_data_for(data, "test", classifier)
+    scores = flt.score(classifier, images.x)
+    flagged = scores > flt.threshold
+    indices = [int(i) for i in flagged.nonzero().flatten()]
+    summary = {
+        "filter": str(path),
+        "model": str(model_path),
+        "data": images.name,
+        "images": len(images),
+        "flagged_count": len(indices),
+        "flagged_rate": len(indices) / len(images),
+        "threshold": flt.threshold,
+        "flagged": indices,
+        "scores": [round(float(s), 6) for s in scores],
+    }
+    shown = ", ".join(map(str, indices[:20])) + (" …" if len(indices) > 20 else "")
+    console.print(
+        f"{len(indices)} of {len(images)} inputs of {images.name} flagged as carrying a trigger "
+        f"({summary['flagged_rate']:.1%}, threshold {flt.threshold:.4g})" + (f": {shown}" if indices else "")
+    )
+    _report_written([write_json(out / "filtered.json", summary)])
+    raise typer.Exit(EXIT_BACKDOOR if indices else EXIT_CLEAN)

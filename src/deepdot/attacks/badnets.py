@@ -24,7 +24,7 @@ class AttackResult:
     clean_accuracy: float
     attack_success_rate: float
     target: int
-    poisoned_images: int
+    poisoned_images: int  # -1 when a fresh share of every batch is poisoned (resample)
     history: TrainHistory
 
     def to_dict(self) -> dict:
@@ -47,12 +47,16 @@ class BadNets:
         trigger: the trigger stamped onto poisoned images.
         target: attacker's label (all-to-one), or :data:`~deepdot.metrics.ALL_TO_ALL` for y -> y+1.
         poison_rate: fraction of training images that are poisoned (stamped and relabelled).
+        resample: if False (BadNets), one fixed set of images is poisoned; if True (the Neural
+            Cleanse injection code), every batch poisons a fresh random ``poison_rate`` share, so
+            the trigger is seen on many more different images over training.
         seed: chooses which images are poisoned.
     """
 
     trigger: Trigger
     target: int
     poison_rate: float = 0.1
+    resample: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,9 +93,15 @@ class BadNets:
         """Train ``classifier`` in place on poisoned ``train_data``; measure on ``test_data``."""
         flags = self.poisoned_flags(train_data)
         k = train_data.num_classes
+        g = torch.Generator().manual_seed(self.seed + 1)
 
         def poison(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            hit = flags[idx]
+            if self.resample:
+                hit = torch.rand(len(idx), generator=g) < self.poison_rate
+                if self.target != ALL_TO_ALL:
+                    hit &= y != self.target
+            else:
+                hit = flags[idx]
             if hit.any():
                 x = x.clone()
                 y = y.clone()
@@ -104,6 +114,6 @@ class BadNets:
             clean_accuracy=clean_accuracy(classifier, test_data),
             attack_success_rate=attack_success_rate(classifier, test_data, self.trigger, self.target),
             target=self.target,
-            poisoned_images=int(flags.sum()),
+            poisoned_images=int(flags.sum()) if not self.resample else -1,
             history=history,
         )

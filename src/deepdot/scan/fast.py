@@ -44,8 +44,11 @@ class FastNeuralCleanse(TriggerScanner):
     """Batched Neural Cleanse scan (see module docstring).
 
     Args:
-        steps: most steps any label gets; one step = one mini-batch of ``batch_size`` images.
-        batch_size: clean images per step, shared by all labels.
+        steps: most steps any label gets.
+        batch_size: clean images per mini-batch, shared by all labels.
+        batches_per_step: mini-batches (Adam updates) per step; the cost schedule, best-mask
+            bookkeeping and early stopping act once per step on the averaged success and L1, as
+            the reference does with ``samples_per_step // batch_size`` mini-batches.
         lr / init_cost / patience / cost_multiplier: as in :class:`NeuralCleanse`.
         early_stop_patience: steps without a smaller valid mask before a label stops (once its
             cost has moved both up and down).
@@ -55,13 +58,14 @@ class FastNeuralCleanse(TriggerScanner):
             most this many images (memory bound; does not change results).
     """
 
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 32
     lr: float = 0.1
     init_cost: float = 1e-3
     patience: int = 5
     cost_multiplier: float = 2.0
-    early_stop_patience: int = 50
+    batches_per_step: int = 4
+    early_stop_patience: int = 25
     warmup_steps: int = 100
     drop_margin: float = 3.0
     max_images_per_pass: int = 2048
@@ -69,7 +73,7 @@ class FastNeuralCleanse(TriggerScanner):
     mode = "fast"
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0:
+        if self.steps < 1 or self.batch_size < 1 or self.batches_per_step < 1 or self.warmup_steps < 0:
             raise DeepdotError("steps >= 1, batch size >= 1 and warm-up steps >= 0 are required")
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:
             raise DeepdotError("lr and init cost must be positive, cost multiplier > 1, patience >= 1")
@@ -116,41 +120,42 @@ class FastNeuralCleanse(TriggerScanner):
             idx = torch.nonzero(active).flatten()
             if len(idx) == 0:
                 break
-            xb = stream.next().to(device)
             success = torch.zeros(len(idx), device=device)
             reg_now = torch.zeros(len(idx), device=device)
-            grads_m, grads_p, masks_now, patterns_now = [], [], [], []
-            for lo in range(0, len(idx), per_chunk):
-                rows = idx[lo : lo + per_chunk]
-                m_leaf = mask_t[rows].detach().requires_grad_(True)
-                p_leaf = pattern_t[rows].detach().requires_grad_(True)
-                mask = from_tanh_space(m_leaf)  # A×H×W
-                pattern = from_tanh_space(p_leaf)  # A×C×H×W
-                stamped = (1 - mask[:, None, None]) * xb[None] + mask[:, None, None] * pattern[:, None]
-                logits = classifier(stamped.reshape(-1, c, h, w))
-                goal = target[rows].repeat_interleave(len(xb))
-                ce = F.cross_entropy(logits, goal, reduction="none").view(len(rows), len(xb)).mean(1)
-                reg = mask.sum((1, 2))
-                (ce + cost[rows] * reg).sum().backward()
-                grads_m.append(m_leaf.grad)
-                grads_p.append(p_leaf.grad)
-                masks_now.append(mask.detach())
-                patterns_now.append(pattern.detach())
-                success[lo : lo + len(rows)] = (logits.argmax(1) == goal).float().view(len(rows), len(xb)).mean(1).detach()
-                reg_now[lo : lo + len(rows)] = reg.detach()
-            adam.step(idx, (torch.cat(grads_m), torch.cat(grads_p)))
+            for _ in range(self.batches_per_step):
+                xb = stream.next().to(device)
+                grads_m, grads_p = [], []
+                for lo in range(0, len(idx), per_chunk):
+                    rows = idx[lo : lo + per_chunk]
+                    m_leaf = mask_t[rows].detach().requires_grad_(True)
+                    p_leaf = pattern_t[rows].detach().requires_grad_(True)
+                    mask = from_tanh_space(m_leaf)  # A×H×W
+                    pattern = from_tanh_space(p_leaf)  # A×C×H×W
+                    stamped = (1 - mask[:, None, None]) * xb[None] + mask[:, None, None] * pattern[:, None]
+                    logits = classifier(stamped.reshape(-1, c, h, w))
+                    goal = target[rows].repeat_interleave(len(xb))
+                    ce = F.cross_entropy(logits, goal, reduction="none").view(len(rows), len(xb)).mean(1)
+                    reg = mask.sum((1, 2))
+                    (ce + cost[rows] * reg).sum().backward()
+                    grads_m.append(m_leaf.grad)
+                    grads_p.append(p_leaf.grad)
+                    hits = (logits.argmax(1) == goal).float().view(len(rows), len(xb)).mean(1)
+                    success[lo : lo + len(rows)] += hits.detach() / self.batches_per_step
+                    reg_now[lo : lo + len(rows)] += reg.detach() / self.batches_per_step
+                adam.step(idx, (torch.cat(grads_m), torch.cat(grads_p)))
+                passes[idx] += len(xb)
             steps_run[idx] += 1
-            passes[idx] += len(xb)
             last_reg[idx], last_success[idx] = reg_now, success
 
-            # best-mask bookkeeping (the mask measured in this step)
+            # best-mask bookkeeping: as the reference, the mask after the step whose average
+            # success reached the threshold with a smaller average L1
             better = (success >= thr) & (reg_now < best_reg[idx])
             if better.any():
                 rows = idx[better]
                 best_reg[rows] = reg_now[better]
                 best_success[rows] = success[better]
-                best_mask[rows] = torch.cat(masks_now)[better]
-                best_pattern[rows] = torch.cat(patterns_now)[better]
+                best_mask[rows] = from_tanh_space(mask_t[rows])
+                best_pattern[rows] = from_tanh_space(pattern_t[rows])
 
             # early stopping (reference rule, per label)
             valid = best_reg[idx] < math.inf

@@ -1,0 +1,151 @@
+"""What every mitigation shares: the recovered backdoors it works against, the one public entry
+point :meth:`Mitigation.apply`, and helpers to stamp recovered triggers onto clean batches.
+
+The defender only has clean data and the triggers a scan recovered (Neural Cleanse, Wang et al.,
+IEEE S&P 2019, Sec. VI): nothing here ever touches poisoned training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, is_dataclass, replace
+from typing import Any
+
+import torch
+
+from deepdot.data import ImageData
+from deepdot.errors import DeepdotError
+from deepdot.mitigate.result import MitigationResult
+from deepdot.models import Classifier
+from deepdot.progress import ProgressFn, no_progress
+from deepdot.scan.result import LabelTrigger, ScanResult
+from deepdot.triggers import Trigger
+
+
+class MitigationError(DeepdotError):
+    """A mitigation cannot run with these settings, this model or this data."""
+
+
+@dataclass(frozen=True)
+class RecoveredBackdoor:
+    """A trigger recovered by a scan and the label it sends images to."""
+
+    target: int
+    trigger: Trigger
+
+
+BackdoorSource = ScanResult | LabelTrigger | RecoveredBackdoor | Sequence[LabelTrigger | RecoveredBackdoor]
+"""What a mitigation accepts as "the backdoor": a whole scan (its flagged labels are used), one
+label's recovered trigger, or several of them."""
+
+
+def recovered_backdoors(source: BackdoorSource) -> tuple[RecoveredBackdoor, ...]:
+    """The backdoors a mitigation works against, from a scan result or recovered triggers.
+
+    Raises:
+        MitigationError: a scan that flagged no label (there is nothing to mitigate).
+    """
+    if isinstance(source, ScanResult):
+        if not source.flagged:
+            raise MitigationError("the scan flagged no label: there is no recovered trigger to mitigate")
+        return tuple(RecoveredBackdoor(label, source.trigger_for(label)) for label in source.flagged)
+    if isinstance(source, LabelTrigger):
+        return (RecoveredBackdoor(source.label, source.trigger),)
+    if isinstance(source, RecoveredBackdoor):
+        return (source,)
+    items = tuple(recovered_backdoors(s)[0] for s in source)
+    if not items:
+        raise MitigationError("no recovered trigger given")
+    return items
+
+
+def stamp_random(
+    x: torch.Tensor, backdoors: Sequence[RecoveredBackdoor], fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stamp a recovered trigger onto about ``fraction`` of the images (a random backdoor each).
+
+    Returns the new batch and a boolean mask of the stamped images. Shape: N×C×H×W -> same, (N,).
+    """
+    chosen = torch.rand(len(x), generator=generator) < fraction
+    which = torch.randint(0, len(backdoors), (len(x),), generator=generator)
+    out = x.clone()
+    for k, backdoor in enumerate(backdoors):
+        sel = chosen & (which == k)
+        if sel.any():
+            out[sel] = backdoor.trigger.apply(x[sel])
+    return out, chosen
+
+
+def triggered_images(data: ImageData, backdoor: RecoveredBackdoor) -> torch.Tensor:
+    """The images of ``data`` not of the target label, with the trigger stamped on (N'×C×H×W)."""
+    keep = data.y != backdoor.target
+    return backdoor.trigger.apply(data.x[keep])
+
+
+class Mitigation(ABC):
+    """Base of every mitigation: settings live on the (frozen, keyword-only) dataclass, the model,
+    the recovered backdoor and the clean data come with :meth:`apply`.
+
+    Subclasses implement :meth:`_run`; :meth:`apply` validates the inputs, deep-copies the
+    classifier (the caller's model is never changed) and times the run.
+    """
+
+    #: the name used by ``deepdot mitigate --method`` and in ``mitigation.json``
+    method: str = "mitigation"
+
+    def apply(
+        self,
+        classifier: Classifier,
+        backdoor: BackdoorSource,
+        clean_data: ImageData,
+        *,
+        progress: ProgressFn = no_progress,
+    ) -> MitigationResult:
+        """Repair a copy of ``classifier`` against the recovered ``backdoor`` using ``clean_data``.
+
+        Args:
+            classifier: the suspect model (not modified).
+            backdoor: a :class:`~deepdot.scan.result.ScanResult` (its flagged labels), or recovered
+                triggers with their target labels.
+            clean_data: clean images with their true labels (the defender's data).
+            progress: called with :class:`~deepdot.progress.ProgressEvent` during long steps.
+        """
+        backdoors = recovered_backdoors(backdoor)
+        if clean_data.image_shape != classifier.input_shape:
+            raise MitigationError(
+                f"{clean_data.name}: images are {clean_data.image_shape} but the model takes {classifier.input_shape}"
+            )
+        for b in backdoors:
+            if b.trigger.mask.shape != clean_data.x.shape[-2:]:
+                raise MitigationError(f"the trigger for label {b.target} does not fit {clean_data.image_shape} images")
+            if not 0 <= b.target < classifier.num_classes:
+                raise MitigationError(f"label {b.target} is outside the model's 0..{classifier.num_classes - 1}")
+        model = copy.deepcopy(classifier)
+        model.eval()
+        start = time.perf_counter()
+        result = self._run(model, backdoors, clean_data, progress)
+        return replace(
+            result,
+            method=self.method,
+            targets=tuple(b.target for b in backdoors),
+            settings=self.settings(),
+            seconds=time.perf_counter() - start,
+        )
+
+    @abstractmethod
+    def _run(
+        self,
+        classifier: Classifier,
+        backdoors: tuple[RecoveredBackdoor, ...],
+        clean_data: ImageData,
+        progress: ProgressFn,
+    ) -> MitigationResult:
+        """Repair ``classifier`` (already a private copy) and return the result (method, targets,
+        settings and timing are filled in by :meth:`apply`)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The algorithm's settings, for reports."""
+        return asdict(self) if is_dataclass(self) else {}  # type: ignore[arg-type]

@@ -1,0 +1,158 @@
+"""Neuron pruning (Neural Cleanse, Wang et al., IEEE S&P 2019, Sec. VI-B).
+
+Units of a layer are ranked by how much the recovered trigger raises their mean activation and
+switched off in that order until the recovered trigger stops working. The paper prunes the
+second-to-last layer and finds the last convolutional layer better (BadNets models: attack
+success < 1 % with at most 8 % of the channels pruned and < 0.8 % accuracy lost).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deepdot.data import ImageData
+from deepdot.metrics import attack_success_rate, clean_accuracy
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor
+from deepdot.mitigate.layers import bake_pruning, resolve_layer, units_off
+from deepdot.mitigate.ranking import rank_by_trigger
+from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
+from deepdot.models import Classifier
+from deepdot.progress import ProgressEvent, ProgressFn, no_progress
+from deepdot.training import TrainConfig, train
+
+
+def fine_tune_pruned(
+    classifier: Classifier,
+    layer: str,
+    pruned: Sequence[int],
+    clean_data: ImageData,
+    config: TrainConfig,
+    progress: ProgressFn = no_progress,
+) -> tuple[float, ...]:
+    """Fine-tune on clean data with the ``pruned`` units of ``layer`` held off (their gradients
+    are zero, so they stay dead); returns the per-epoch loss (Fine-Pruning, Sec. 4.3)."""
+    with units_off(classifier, layer, pruned):
+        return tuple(train(classifier, clean_data, config, progress=progress).loss)
+
+
+def recovered_success(classifier: Classifier, data: ImageData, backdoors: Sequence[RecoveredBackdoor]) -> float:
+    """Highest attack success rate of the recovered triggers on ``data``."""
+    return max(attack_success_rate(classifier, data, b.trigger, b.target) for b in backdoors)
+
+
+def prune_until(
+    classifier: Classifier,
+    layer: str,
+    order: torch.Tensor,
+    data: ImageData,
+    backdoors: Sequence[RecoveredBackdoor],
+    *,
+    step: int,
+    max_units: int,
+    stop: Callable[[PruningStep, PruningStep], bool],
+    progress: ProgressFn,
+    stage: str,
+) -> tuple[int, tuple[PruningStep, ...]]:
+    """Switch units off in ``order``, ``step`` at a time, measuring clean accuracy and recovered
+    attack success on ``data`` after each step, until ``stop(first, current)`` holds or
+    ``max_units`` are off (``stop`` sees the unpruned point and the current one). Returns the
+    number of units switched off at the end and the curve.
+    """
+    units = len(order)
+    curve = [PruningStep(0, 0.0, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors))]
+    total = math.ceil(max_units / step)
+    for i, n in enumerate(range(step, max_units + step, step)):
+        n = min(n, max_units)
+        with units_off(classifier, layer, order[:n]):
+            point = PruningStep(
+                n, n / units, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors)
+            )
+        curve.append(point)
+        progress(ProgressEvent(stage, i + 1, total, {"pruned": n, "attack_success_rate": point.attack_success_rate}))
+        if stop(curve[0], point):
+            break
+    return curve[-1].pruned, tuple(curve)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeuronPruning(Mitigation):
+    """Prune the units the recovered trigger excites most until it stops working.
+
+    Args:
+        layer: ``last_conv`` (channels; the paper's better choice), ``penultimate`` (neurons) or
+            a module name.
+        target_attack_success: stop once the recovered trigger's attack success rate on the clean
+            data is at or below this.
+        max_fraction: never prune more than this share of the layer.
+        step_fraction: share of the layer pruned per step (at least one unit).
+        fine_tune_epochs: after pruning, fine-tune this many epochs on the clean data with the
+            pruned units held off, to win back clean accuracy (0: the paper's pruning alone).
+        lr / batch_size: of that fine-tuning.
+        max_images: rank and measure on at most this many clean images (speed).
+        seed: which images when there are more; batch order.
+    """
+
+    method = "prune"
+
+    layer: str = "last_conv"
+    target_attack_success: float = 0.01
+    max_fraction: float = 0.5
+    step_fraction: float = 0.01
+    fine_tune_epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_images: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fine_tune_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise MitigationError("pruning needs fine_tune_epochs >= 0, batch size >= 1 and a positive learning rate")
+        if not 0 <= self.target_attack_success < 1:
+            raise MitigationError(f"target_attack_success must be in [0, 1), got {self.target_attack_success}")
+        if not 0 < self.max_fraction <= 1 or not 0 < self.step_fraction <= 1:
+            raise MitigationError("max_fraction and step_fraction must be in (0, 1]")
+        if self.max_images < 10:
+            raise MitigationError(f"max_images must be at least 10, got {self.max_images}")
+
+    def _run(
+        self,
+        classifier: Classifier,
+        backdoors: tuple[RecoveredBackdoor, ...],
+        clean_data: ImageData,
+        progress: ProgressFn,
+    ) -> MitigationResult:
+        layer = resolve_layer(classifier, self.layer)
+        data = clean_data.take(self.max_images, seed=self.seed)
+        order = rank_by_trigger(classifier, layer, backdoors, data)
+        units = len(order)
+        count, curve = prune_until(
+            classifier,
+            layer,
+            order,
+            data,
+            backdoors,
+            step=max(1, math.floor(self.step_fraction * units)),
+            max_units=max(1, math.floor(self.max_fraction * units)),
+            stop=lambda _first, point: point.attack_success_rate <= self.target_attack_success,
+            progress=progress,
+            stage="prune",
+        )
+        pruned = tuple(int(u) for u in order[:count])
+        loss: tuple[float, ...] = ()
+        if self.fine_tune_epochs:
+            config = TrainConfig(epochs=self.fine_tune_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+            loss = fine_tune_pruned(classifier, layer, pruned, clean_data, config, progress)
+        bake_pruning(classifier, layer, pruned, data.x[:64])
+        return MitigationResult(
+            method=self.method,
+            classifier=classifier,
+            targets=(),
+            settings={},
+            seconds=0.0,
+            pruning=PruningOutcome(layer=layer, units=units, pruned_units=pruned, curve=curve),
+            training_loss=loss,
+        )

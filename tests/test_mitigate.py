@@ -1,0 +1,199 @@
+"""Mitigations (Neural Cleanse filter/pruning/unlearning, Fine-Pruning) on the digits models.
+
+One fast scan of the BadNets digits model recovers the trigger of label 7; every mitigation is
+then built from that recovered trigger and clean data only (``digits:train`` without poison)
+and judged against the PLANTED trigger on the held-out ``digits:test``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deepdot.cli import app
+from deepdot.io.models import load_model, save_model
+from deepdot.mitigate import (
+    FinePruning,
+    InputFilter,
+    MitigationError,
+    NeuronPruning,
+    PlantedBackdoor,
+    RecoveredBackdoor,
+    TriggerFilter,
+    Unlearning,
+    choose_best,
+    measure,
+    measure_filter,
+    recovered_backdoors,
+)
+from deepdot.mitigate.evaluation import Figures
+from deepdot.mitigate.layers import bake_pruning, units_off
+from deepdot.models import build_classifier
+from deepdot.scan import FastNeuralCleanse
+
+from .conftest import DIGITS_TARGET
+
+MAX_ACCURACY_DROP = 0.03  # the issue's bar for digits: clean accuracy may fall by 3 points at most
+MAX_PLANTED_SUCCESS = 0.2
+
+
+@pytest.fixture(scope="module")
+def scan_result(badnets_digits, digits_test):
+    result = FastNeuralCleanse().scan(badnets_digits[0], digits_test)
+    assert DIGITS_TARGET in result.flagged
+    return result
+
+
+@pytest.fixture(scope="module")
+def planted(digits_trigger):
+    return PlantedBackdoor(DIGITS_TARGET, digits_trigger)
+
+
+@pytest.fixture(scope="module")
+def before(badnets_digits, scan_result, digits_test, planted):
+    figures = measure(badnets_digits[0], digits_test, recovered_backdoors(scan_result), planted)
+    assert figures.planted_attack_success_rate > 0.9
+    return figures
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# One contract for every model repair: the planted trigger stops working, clean accuracy holds,
+# the input model is untouched. NeuronPruning runs with a short fine-tune here: pruning alone
+# costs digits_net ~10 points (see test_pruning_curve_alone).
+REPAIRS = {
+    "prune+fine-tune": NeuronPruning(fine_tune_epochs=5, lr=1e-2),
+    "unlearn": Unlearning(epochs=2),
+    "fine-prune": FinePruning(),
+}
+
+
+@pytest.mark.parametrize("name", list(REPAIRS))
+def test_repair_removes_planted_backdoor(name, badnets_digits, scan_result, digits_train, digits_test, planted, before):
+    model = badnets_digits[0]
+    original = _weights(model)
+    result = REPAIRS[name].apply(model, scan_result, digits_train)
+    after = measure(result.classifier, digits_test, recovered_backdoors(scan_result), planted)
+
+    assert after.planted_attack_success_rate <= MAX_PLANTED_SUCCESS, (name, before, after)
+    assert after.attack_success_rate <= MAX_PLANTED_SUCCESS, (name, after)
+    assert after.clean_accuracy >= before.clean_accuracy - MAX_ACCURACY_DROP, (name, before, after)
+    assert result.targets == (DIGITS_TARGET,)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items()), "input model was modified"
+    json.dumps(result.to_dict())
+
+
+def test_pruning_curve_alone(badnets_digits, scan_result, digits_train, digits_test, planted, before):
+    """Neural Cleanse's pruning without fine-tuning: it stops once the recovered trigger fails; on
+    this small network that costs about 10 points of accuracy (measured: 0.97 -> 0.86)."""
+    result = NeuronPruning(target_attack_success=0.2).apply(badnets_digits[0], scan_result, digits_train)
+    pruning = result.pruning
+    assert pruning is not None and pruning.layer == "conv2_relu" and pruning.units == 32
+    curve = pruning.curve
+    assert curve[0].pruned == 0 and curve[-1].pruned == len(pruning.pruned_units)
+    assert curve[-1].attack_success_rate <= 0.2 < curve[0].attack_success_rate
+    after = measure(result.classifier, digits_test, recovered_backdoors(scan_result), planted)
+    assert after.planted_attack_success_rate <= 0.3
+    assert after.clean_accuracy >= before.clean_accuracy - 0.15
+
+
+def test_filter_catches_planted_trigger(badnets_digits, scan_result, digits_train, digits_test, planted):
+    model = badnets_digits[0]
+    result = InputFilter(false_positive_rate=0.05).apply(model, scan_result, digits_train)
+    flt = result.input_filter
+    assert flt is not None and flt.layer == "fc1_relu" and len(flt.neurons) == 5
+    figures = measure_filter(result.classifier, flt, digits_test, recovered_backdoors(scan_result), planted)
+    assert figures.false_positive_rate <= 0.1
+    assert figures.planted_false_negative_rate is not None and figures.planted_false_negative_rate <= 0.2
+    assert figures.false_negative_rate <= 0.2
+    assert TriggerFilter.from_dict(json.loads(json.dumps(flt.to_dict()))) == flt
+
+
+@pytest.mark.parametrize("arch", ["digits_net", "resnet20"])
+@pytest.mark.parametrize("layer", ["last_conv_layer", "penultimate_layer"])
+def test_baked_pruning_survives_save_and_load(arch, layer, tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier(arch)
+    name = getattr(model, layer)
+    x = torch.rand(8, *model.input_shape)
+    units = [0, 3, 5]
+    with torch.no_grad(), units_off(model, name, units):
+        expected = model(x)
+    bake_pruning(model, name, units, x)
+    save_model(model, tmp_path / "m")
+    reloaded = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), expected, atol=1e-5)
+
+
+def test_settings_are_validated_and_clean_scans_refused(clean_digits, digits_test, scan_result):
+    with pytest.raises(MitigationError):
+        Unlearning(trigger_fraction=1.5)
+    with pytest.raises(MitigationError):
+        InputFilter(false_positive_rate=0.0)
+    with pytest.raises(MitigationError):
+        NeuronPruning(max_fraction=0.0)
+    with pytest.raises(MitigationError):
+        recovered_backdoors(())
+    wrong = RecoveredBackdoor(DIGITS_TARGET, scan_result.trigger_for(0))
+    with pytest.raises(MitigationError):
+        Unlearning().apply(clean_digits, RecoveredBackdoor(99, wrong.trigger), digits_test)
+
+
+def test_choose_best_keeps_accuracy():
+    before = Figures(clean_accuracy=0.95, attack_success_rate=1.0)
+    candidates = {
+        "prune": Figures(clean_accuracy=0.80, attack_success_rate=0.0),  # too costly
+        "unlearn": Figures(clean_accuracy=0.945, attack_success_rate=0.05),
+        "fine-tune": Figures(clean_accuracy=0.95, attack_success_rate=0.30),
+    }
+    assert choose_best(before, candidates, 0.01) == "unlearn"
+    assert choose_best(before, {"prune": candidates["prune"]}, 0.01) is None
+
+
+def test_cli_scan_mitigate_filter(saved_models, tmp_path):
+    runner = CliRunner()
+    bad = saved_models["badnets"]
+    scan_dir = tmp_path / "scan"
+    res = runner.invoke(app, ["scan", str(bad), "--data", "digits", "--out", str(scan_dir)])
+    assert res.exit_code == 1, res.output  # backdoor found
+    assert (scan_dir / f"label_{DIGITS_TARGET}_mask.png").exists()
+
+    common = ["--scan", str(scan_dir), "--data", "digits", "--trigger", str(bad / "trigger.npz"), "--target", "7"]
+    out = tmp_path / "unlearned"
+    res = runner.invoke(app, ["mitigate", str(bad), *common, "--method", "unlearn", "--epochs", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "mitigation.json").read_text())
+    assert summary["method"] == "unlearn"
+    for key in ("before", "after"):
+        assert {"clean_accuracy", "attack_success_rate", "planted_attack_success_rate"} <= set(summary[key])
+    assert summary["after"]["planted_attack_success_rate"] < summary["before"]["planted_attack_success_rate"]
+    assert "pruning_curve" in summary and "filter" in summary
+    repaired = load_model(out)  # same format as the input
+    assert repaired.architecture == "digits_net"
+
+    fout = tmp_path / "filter"
+    res = runner.invoke(app, ["mitigate", str(bad), *common, "--method", "filter", "--out", str(fout)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((fout / "mitigation.json").read_text())
+    assert {"false_positive_rate", "false_negative_rate", "planted_false_negative_rate"} <= set(summary["filter"])
+    assert (fout / "filter.json").exists()
+
+    res = runner.invoke(app, ["filter", str(fout), "--data", "digits", "--out", str(tmp_path / "screened")])
+    assert res.exit_code in (0, 1), res.output
+    screened = json.loads((tmp_path / "screened" / "filtered.json").read_text())
+    assert screened["images"] == len(screened["scores"]) and screened["flagged_count"] == len(screened["flagged"])
+    assert (res.exit_code == 1) == bool(screened["flagged"])
+
+    res = runner.invoke(app, ["mitigate", str(bad), "--scan", str(tmp_path / "nope"), "--method", "unlearn"])
+    assert res.exit_code == 2
+
+
+def test_saved_models_fixture_path_layout(saved_models):
+    assert Path(saved_models["badnets"], "trigger.npz").exists()
