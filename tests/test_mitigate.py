@@ -35,7 +35,7 @@ from deepdot.mitigate.layers import bake_pruning, units_off
 from deepdot.models import build_classifier
 from deepdot.scan import FastNeuralCleanse
 
-from .conftest import DIGITS_TARGET
+from conftest import DIGITS_TARGET
 
 MAX_ACCURACY_DROP = 0.03  # the bar for digits: clean accuracy may fall by 3 points at most
 MAX_PLANTED_SUCCESS = 0.2

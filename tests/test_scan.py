@@ -51,7 +51,7 @@ def test_faithful_scan_on_a_few_labels(badnets_digits, digits_test):
 
 def test_scans_are_repeatable_and_resume_to_the_same_result(badnets_digits, digits_test):
     model = badnets_digits[0]
-    fast = FastNeuralCleanse(steps=12, warmup_steps=6)
+    fast = FastNeuralCleanse(steps=12, warmup_steps=6, images_per_step=32)
     one, two = fast.scan(model, digits_test), fast.scan(model, digits_test)
     assert [t.mask_l1 for t in one.labels] == [t.mask_l1 for t in two.labels]
     # a faithful scan given label 1 from an earlier run (a checkpoint) redoes only the others,

@@ -482,7 +482,10 @@ def scan_command(
     ] = ScanMode.fast,
     steps: Annotated[int | None, typer.Option(help="Most optimisation steps per label (fast 500, faithful 1000).")] = None,
     samples_per_step: Annotated[int | None, typer.Option(help="faithful only: clean images per step (default 1000).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per mini-batch (default 32).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most images per mini-batch (default 32).")] = None,
+    images_per_step: Annotated[
+        int | None, typer.Option(help="fast only: clean images per step (default: 640 / labels, within 16..128).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.1).")] = None,
     init_cost: Annotated[float | None, typer.Option(help="Initial weight of the mask's L1 term (default 1e-3).")] = None,
     labels: Annotated[str | None, typer.Option(help="Scan only these labels, e.g. 0,5,33 (at least 3).")] = None,
@@ -511,6 +514,7 @@ def scan_command(
         "steps": steps,
         "samples_per_step": samples_per_step,
         "batch_size": batch_size,
+        "images_per_step": images_per_step,
         "lr": lr,
         "init_cost": init_cost,
     }
@@ -561,8 +565,10 @@ def make_scanner(mode: str, **settings: Any) -> Any:
 
     if mode == "fast":
         if "samples_per_step" in settings:
-            raise DeepdotError("--samples-per-step applies to --mode faithful only (a fast step is one mini-batch)")
+            raise DeepdotError("--samples-per-step applies to --mode faithful only (fast mode: --images-per-step)")
         return FastNeuralCleanse(**settings)
+    if "images_per_step" in settings:
+        raise DeepdotError("--images-per-step applies to --mode fast only (faithful mode: --samples-per-step)")
     return NeuralCleanse(**settings)
 
 

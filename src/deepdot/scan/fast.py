@@ -6,8 +6,8 @@ Same objective, parametrisation, optimiser and cost schedule as :class:`NeuralCl
 * **All labels in one batch.** The K masks and patterns are one tensor; each step stamps every
   active label's trigger onto the *same* small clean batch and runs one forward/backward over all
   of them (labels are independent: the loss is a sum of per-label terms and Adam is elementwise,
-  so this is K reference optimisations run side by side). A step is one mini-batch, so the cost
-  schedule reacts per mini-batch instead of per ``samples_per_step`` images.
+  so this is K reference optimisations run side by side). A step sees ``images_per_step`` images
+  (16–128, fewer the more labels there are) instead of the reference's 500–1000.
 * **Per-label early stopping** with the reference rule, vectorised.
 * **Budget scheduling** (after Shen et al.'s K-Arm idea): after ``warmup_steps``, a label whose
   valid trigger is already far *above* the median size (more than ``drop_margin`` MADs) stops
@@ -45,10 +45,15 @@ class FastNeuralCleanse(TriggerScanner):
 
     Args:
         steps: most steps any label gets.
-        batch_size: clean images per mini-batch, shared by all labels.
-        batches_per_step: mini-batches (Adam updates) per step; the cost schedule, best-mask
-            bookkeeping and early stopping act once per step on the averaged success and L1, as
-            the reference does with ``samples_per_step // batch_size`` mini-batches.
+        images_per_step: clean images per step, shared by all labels. The cost schedule,
+            best-mask bookkeeping and early stopping act once per step on the success and L1
+            averaged over these images, as the reference does over ``samples_per_step``.
+            ``None`` (default) picks ``clamp(640 // labels, 16, 128)``: with few labels the MAD
+            rests on few values and each must be measured precisely (a mask judged on a handful
+            of images looks smaller than it is); with many labels the median and MAD average the
+            noise out and 16 images suffice (DESIGN.md: 43 labels × 16 images per step).
+        batch_size: most images per mini-batch (one Adam update); a step's images are split
+            into ``ceil(images_per_step / batch_size)`` equal mini-batches.
         lr / init_cost / patience / cost_multiplier: as in :class:`NeuralCleanse`.
         early_stop_patience: steps without a smaller valid mask before a label stops (once its
             cost has moved both up and down).
@@ -59,12 +64,12 @@ class FastNeuralCleanse(TriggerScanner):
     """
 
     steps: int = 300
+    images_per_step: int | None = None
     batch_size: int = 32
     lr: float = 0.1
     init_cost: float = 1e-3
     patience: int = 5
     cost_multiplier: float = 2.0
-    batches_per_step: int = 4
     early_stop_patience: int = 25
     warmup_steps: int = 100
     drop_margin: float = 3.0
@@ -73,7 +78,7 @@ class FastNeuralCleanse(TriggerScanner):
     mode = "fast"
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.batches_per_step < 1 or self.warmup_steps < 0:
+        if self.steps < 1 or self.batch_size < 1 or (self.images_per_step or 1) < 1 or self.warmup_steps < 0:
             raise DeepdotError("steps >= 1, batch size >= 1 and warm-up steps >= 0 are required")
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:
             raise DeepdotError("lr and init cost must be positive, cost multiplier > 1, patience >= 1")
@@ -93,7 +98,9 @@ class FastNeuralCleanse(TriggerScanner):
         mask_t = to_tanh_space(torch.stack([m for m, _ in inits])).to(device)
         pattern_t = to_tanh_space(torch.stack([p for _, p in inits])).to(device)
         adam = _RowAdam((mask_t, pattern_t), lr=self.lr, betas=(0.5, 0.9))
-        stream = BatchStream(x, self.batch_size, label_generator(self.seed, -1))
+        per_step = self.images_per_step or min(128, max(16, 640 // k))
+        batches = -(-per_step // self.batch_size)
+        stream = BatchStream(x, -(-per_step // batches), label_generator(self.seed, -1))
         target = torch.tensor(labels, device=device)
 
         thr = self.attack_success_threshold
@@ -113,7 +120,7 @@ class FastNeuralCleanse(TriggerScanner):
         active = torch.ones(k, dtype=torch.bool, device=device)
         steps_run = torch.zeros_like(set_c)
         passes = torch.zeros_like(set_c)
-        per_chunk = max(1, self.max_images_per_pass // self.batch_size)
+        per_chunk = max(1, self.max_images_per_pass // stream.batch_size)
         finished: set[int] = set()
 
         for step in range(self.steps):
@@ -122,7 +129,7 @@ class FastNeuralCleanse(TriggerScanner):
                 break
             success = torch.zeros(len(idx), device=device)
             reg_now = torch.zeros(len(idx), device=device)
-            for _ in range(self.batches_per_step):
+            for _ in range(batches):
                 xb = stream.next().to(device)
                 grads_m, grads_p = [], []
                 for lo in range(0, len(idx), per_chunk):
@@ -140,8 +147,8 @@ class FastNeuralCleanse(TriggerScanner):
                     grads_m.append(m_leaf.grad)
                     grads_p.append(p_leaf.grad)
                     hits = (logits.argmax(1) == goal).float().view(len(rows), len(xb)).mean(1)
-                    success[lo : lo + len(rows)] += hits.detach() / self.batches_per_step
-                    reg_now[lo : lo + len(rows)] += reg.detach() / self.batches_per_step
+                    success[lo : lo + len(rows)] += hits.detach() / batches
+                    reg_now[lo : lo + len(rows)] += reg.detach() / batches
                 adam.step(idx, (torch.cat(grads_m), torch.cat(grads_p)))
                 passes[idx] += len(xb)
             steps_run[idx] += 1
