@@ -560,3 +560,27 @@ def test_onnx_channels_last_input_is_fed_channels_first(tmp_path, digits_model, 
     assert classifier.input_shape == (1, 16, 16)
     with torch.no_grad():
         assert (classifier(images) - digits_model(images)).abs().max() < PARITY
+
+
+# -- exports (deepdot.io.export) -----------------------------------------------------------------
+def test_nc_gtsrb_exports_to_keras_h5_and_onnx_and_loads_back(keras, tmp_path):
+    """The exports behind benchmarks/export_formats.py: Keras' own output and deepdot's loaders agree."""
+    pytest.importorskip("onnx")
+    from deepdot.io.export import export_keras_h5, export_onnx
+
+    torch.manual_seed(0)
+    native = build_classifier("nc_gtsrb")  # preprocess "raw", channels-first, flatten in C,H,W order
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = native(x)
+    h5 = export_keras_h5(native, tmp_path / "gtsrb.h5")
+    keras_model = keras.saving.load_model(str(h5), compile=False)
+    keras_probs = _keras_out(keras_model, x * 255.0)
+    assert np.abs(keras_probs - expected.softmax(1).numpy()).max() < PARITY
+    from_h5 = load_model(h5, preprocess="raw")
+    assert from_h5.output_kind == "probabilities" and from_h5.softmax_removed
+    from_onnx = load_model(export_onnx(native, tmp_path / "gtsrb.onnx"))
+    assert from_onnx.preprocess == "raw" and from_onnx.input_shape == (3, 32, 32)
+    with torch.no_grad():
+        assert (from_h5(x) - expected).abs().max() < PARITY
+        assert (from_onnx(x) - expected).abs().max() < PARITY
