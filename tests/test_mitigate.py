@@ -1,20 +1,21 @@
 """Mitigations (Neural Cleanse filter/pruning/unlearning, Fine-Pruning) on the digits models.
 
-One fast scan of the BadNets digits model recovers the trigger of label 7; every mitigation is
-then built from that recovered trigger and clean data only (``digits:train`` without poison)
-and judged against the PLANTED trigger on the held-out ``digits:test``.
+One ``deepdot scan`` of the BadNets digits model recovers the trigger of label 7 (PNG files, as a
+user has them); every mitigation is then built from that recovered trigger and clean data only
+(``digits:train`` without poison) and judged against the PLANTED trigger on ``digits:test``.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import DIGITS_TARGET
 from deepdot.cli import app
+from deepdot.cli_mitigate import load_recovered
 from deepdot.io.models import load_model, save_model
 from deepdot.mitigate import (
     FinePruning,
@@ -33,19 +34,26 @@ from deepdot.mitigate import (
 from deepdot.mitigate.evaluation import Figures
 from deepdot.mitigate.layers import bake_pruning, units_off
 from deepdot.models import build_classifier
-from deepdot.scan import FastNeuralCleanse
-
-from conftest import DIGITS_TARGET
 
 MAX_ACCURACY_DROP = 0.03  # the issue's bar for digits: clean accuracy may fall by 3 points at most
 MAX_PLANTED_SUCCESS = 0.2
 
 
 @pytest.fixture(scope="module")
-def scan_result(badnets_digits, digits_test):
-    result = FastNeuralCleanse().scan(badnets_digits[0], digits_test)
-    assert DIGITS_TARGET in result.flagged
-    return result
+def scan_dir(saved_models, tmp_path_factory):
+    """``deepdot scan`` of the BadNets model (fast mode, the default), run once."""
+    out = tmp_path_factory.mktemp("scan")
+    res = CliRunner().invoke(app, ["scan", str(saved_models["badnets"]), "--data", "digits", "--out", str(out)])
+    assert res.exit_code == 1, res.output  # backdoor found
+    return out
+
+
+@pytest.fixture(scope="module")
+def recovered(scan_dir, badnets_digits):
+    """The recovered backdoors read back from the scan folder (what ``deepdot mitigate`` uses)."""
+    labels, backdoors = load_recovered(scan_dir, badnets_digits[0].input_shape, None)
+    assert labels == [DIGITS_TARGET]
+    return tuple(backdoors)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +62,8 @@ def planted(digits_trigger):
 
 
 @pytest.fixture(scope="module")
-def before(badnets_digits, scan_result, digits_test, planted):
-    figures = measure(badnets_digits[0], digits_test, recovered_backdoors(scan_result), planted)
+def before(badnets_digits, recovered, digits_test, planted):
+    figures = measure(badnets_digits[0], digits_test, recovered_backdoors(recovered), planted)
     assert figures.planted_attack_success_rate > 0.9
     return figures
 
@@ -75,11 +83,11 @@ REPAIRS = {
 
 
 @pytest.mark.parametrize("name", list(REPAIRS))
-def test_repair_removes_planted_backdoor(name, badnets_digits, scan_result, digits_train, digits_test, planted, before):
+def test_repair_removes_planted_backdoor(name, badnets_digits, recovered, digits_train, digits_test, planted, before):
     model = badnets_digits[0]
     original = _weights(model)
-    result = REPAIRS[name].apply(model, scan_result, digits_train)
-    after = measure(result.classifier, digits_test, recovered_backdoors(scan_result), planted)
+    result = REPAIRS[name].apply(model, recovered, digits_train)
+    after = measure(result.classifier, digits_test, recovered_backdoors(recovered), planted)
 
     assert after.planted_attack_success_rate <= MAX_PLANTED_SUCCESS, (name, before, after)
     assert after.attack_success_rate <= MAX_PLANTED_SUCCESS, (name, after)
@@ -89,26 +97,26 @@ def test_repair_removes_planted_backdoor(name, badnets_digits, scan_result, digi
     json.dumps(result.to_dict())
 
 
-def test_pruning_curve_alone(badnets_digits, scan_result, digits_train, digits_test, planted, before):
+def test_pruning_curve_alone(badnets_digits, recovered, digits_train, digits_test, planted, before):
     """Neural Cleanse's pruning without fine-tuning: it stops once the recovered trigger fails; on
     this small network that costs about 10 points of accuracy (measured: 0.97 -> 0.86)."""
-    result = NeuronPruning(target_attack_success=0.2).apply(badnets_digits[0], scan_result, digits_train)
+    result = NeuronPruning(target_attack_success=0.2).apply(badnets_digits[0], recovered, digits_train)
     pruning = result.pruning
     assert pruning is not None and pruning.layer == "conv2_relu" and pruning.units == 32
     curve = pruning.curve
     assert curve[0].pruned == 0 and curve[-1].pruned == len(pruning.pruned_units)
     assert curve[-1].attack_success_rate <= 0.2 < curve[0].attack_success_rate
-    after = measure(result.classifier, digits_test, recovered_backdoors(scan_result), planted)
+    after = measure(result.classifier, digits_test, recovered_backdoors(recovered), planted)
     assert after.planted_attack_success_rate <= 0.3
     assert after.clean_accuracy >= before.clean_accuracy - 0.15
 
 
-def test_filter_catches_planted_trigger(badnets_digits, scan_result, digits_train, digits_test, planted):
+def test_filter_catches_planted_trigger(badnets_digits, recovered, digits_train, digits_test, planted):
     model = badnets_digits[0]
-    result = InputFilter(false_positive_rate=0.05).apply(model, scan_result, digits_train)
+    result = InputFilter(false_positive_rate=0.05).apply(model, recovered, digits_train)
     flt = result.input_filter
     assert flt is not None and flt.layer == "fc1_relu" and len(flt.neurons) == 5
-    figures = measure_filter(result.classifier, flt, digits_test, recovered_backdoors(scan_result), planted)
+    figures = measure_filter(result.classifier, flt, digits_test, recovered_backdoors(recovered), planted)
     assert figures.false_positive_rate <= 0.1
     assert figures.planted_false_negative_rate is not None and figures.planted_false_negative_rate <= 0.2
     assert figures.false_negative_rate <= 0.2
@@ -132,7 +140,7 @@ def test_baked_pruning_survives_save_and_load(arch, layer, tmp_path):
         assert torch.allclose(reloaded(x), expected, atol=1e-5)
 
 
-def test_settings_are_validated_and_clean_scans_refused(clean_digits, digits_test, scan_result):
+def test_settings_and_inputs_are_validated(badnets_digits, digits_test, recovered):
     with pytest.raises(MitigationError):
         Unlearning(trigger_fraction=1.5)
     with pytest.raises(MitigationError):
@@ -141,9 +149,22 @@ def test_settings_are_validated_and_clean_scans_refused(clean_digits, digits_tes
         NeuronPruning(max_fraction=0.0)
     with pytest.raises(MitigationError):
         recovered_backdoors(())
-    wrong = RecoveredBackdoor(DIGITS_TARGET, scan_result.trigger_for(0))
+    with pytest.raises(MitigationError):  # a label the model does not have
+        Unlearning().apply(badnets_digits[0], RecoveredBackdoor(99, recovered[0].trigger), digits_test)
+
+
+def test_scan_result_gives_flagged_labels(recovered):
+    from deepdot.scan.outliers import outlier_test
+    from deepdot.scan.result import LabelTrigger, ScanResult
+
+    trigger = recovered[0].trigger
+    norms = {k: (6.0 if k == DIGITS_TARGET else 30.0 + k) for k in range(10)}
+    labels = tuple(LabelTrigger(k, trigger, norms[k], 1.0, True, 1, 1, 0.0) for k in range(10))
+    scan = ScanResult(labels, outlier_test(norms), 0.97, 1.0, 1, "fast")
+    assert recovered_backdoors(scan) == (RecoveredBackdoor(DIGITS_TARGET, trigger),)
+    clean = ScanResult(labels, outlier_test({k: 30.0 + k for k in range(10)}), 0.97, 1.0, 1, "fast")
     with pytest.raises(MitigationError):
-        Unlearning().apply(clean_digits, RecoveredBackdoor(99, wrong.trigger), digits_test)
+        recovered_backdoors(clean)
 
 
 def test_choose_best_keeps_accuracy():
@@ -157,13 +178,10 @@ def test_choose_best_keeps_accuracy():
     assert choose_best(before, {"prune": candidates["prune"]}, 0.01) is None
 
 
-def test_cli_scan_mitigate_filter(saved_models, tmp_path):
+def test_cli_scan_mitigate_filter(saved_models, scan_dir, tmp_path):
     runner = CliRunner()
     bad = saved_models["badnets"]
-    scan_dir = tmp_path / "scan"
-    res = runner.invoke(app, ["scan", str(bad), "--data", "digits", "--out", str(scan_dir)])
-    assert res.exit_code == 1, res.output  # backdoor found
-    assert (scan_dir / f"label_{DIGITS_TARGET}_mask.png").exists()
+    assert (scan_dir / f"label_{DIGITS_TARGET}_mask.png").exists()  # `deepdot scan` ran in the fixture
 
     common = ["--scan", str(scan_dir), "--data", "digits", "--trigger", str(bad / "trigger.npz"), "--target", "7"]
     out = tmp_path / "unlearned"
@@ -193,7 +211,3 @@ def test_cli_scan_mitigate_filter(saved_models, tmp_path):
 
     res = runner.invoke(app, ["mitigate", str(bad), "--scan", str(tmp_path / "nope"), "--method", "unlearn"])
     assert res.exit_code == 2
-
-
-def test_saved_models_fixture_path_layout(saved_models):
-    assert Path(saved_models["badnets"], "trigger.npz").exists()
