@@ -107,7 +107,7 @@ def test_bad_input_exits_2_with_one_line(saved_models, tmp_path, case, needle):
         data = tmp_path / "big.npz"
         np.savez(data, x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
     elif case == "wrong_preprocess":
-        extra = ["--preprocess", "raw"]
+        extra = ["--preprocess", "mean=1 std=1"]
     elif case == "unwritable_out":
         blocker = tmp_path / "file"
         blocker.write_text("")

@@ -46,11 +46,6 @@ class Method(str, Enum):
     auto = "auto"
 
 
-class PruneLayer(str, Enum):
-    last_conv = "last_conv"
-    penultimate = "penultimate"
-
-
 def scan_json_path(scan: Path) -> Path:
     """``scan.json`` given as the file or the scan's output folder."""
     path = scan / "scan.json" if scan.is_dir() else scan
@@ -84,23 +79,26 @@ def load_recovered(
     return labels, backdoors
 
 
-def make_mitigation(method: str, *, layer: str, fpr: float, epochs: int | None, lr: float | None, seed: int) -> Any:
+def make_mitigation(
+    method: str, *, layer: str | None, fpr: float, epochs: int | None, lr: float | None, seed: int
+) -> Any:
     """The algorithm behind ``--method`` with the CLI's overrides (others keep their defaults)."""
     from deepdot.mitigate import FinePruning, FineTuning, InputFilter, NeuronPruning, Unlearning
 
-    train: dict[str, Any] = {"lr": lr} if lr is not None else {}
+    given: dict[str, Any] = {"seed": seed}
     if method == "filter":
-        return InputFilter(false_positive_rate=fpr, layer="penultimate" if layer == "last_conv_default" else layer)
-    layer = "last_conv" if layer == "last_conv_default" else layer
-    if method == "prune":
-        return NeuronPruning(
-            layer=layer, seed=seed, **({"fine_tune_epochs": epochs} if epochs is not None else {}), **train
-        )
-    if method == "unlearn":
-        return Unlearning(seed=seed, **({"epochs": epochs} if epochs is not None else {}), **train)
-    if method == "fine-tune":
-        return FineTuning(seed=seed, **({"epochs": epochs} if epochs is not None else {}), **train)
-    return FinePruning(layer=layer, seed=seed, **({"fine_tune_epochs": epochs} if epochs is not None else {}), **train)
+        return InputFilter(false_positive_rate=fpr, layer=layer or "penultimate")
+    if lr is not None:
+        given["lr"] = lr
+    if method in ("prune", "fine-prune"):
+        if layer is not None:
+            given["layer"] = layer
+        if epochs is not None:
+            given["fine_tune_epochs"] = epochs
+        return NeuronPruning(**given) if method == "prune" else FinePruning(**given)
+    if epochs is not None:
+        given["epochs"] = epochs  # unlearning and fine-tuning train the whole network: no layer
+    return Unlearning(**given) if method == "unlearn" else FineTuning(**given)
 
 
 @app.command("mitigate")
@@ -155,8 +153,10 @@ def mitigate_command(
 ) -> None:
     """Remove a backdoor found by `deepdot scan` (Neural Cleanse filter/pruning/unlearning, Fine-Pruning).
 
-    Writes the repaired model (model.safetensors + model.json) and mitigation.json to OUT; the
-    filter method writes filter.json (use it with `deepdot filter OUT --data ...`).
+    The clean --data is split into a repair part and a held-out part (--holdout, or --test-data)
+    on which before/after figures are measured; auto repairs on 80 % of the repair part and picks
+    the method on the other 20 %. Writes the repaired model (model.safetensors + model.json) and
+    mitigation.json to OUT; the filter method writes filter.json (use it with `deepdot filter OUT`).
     """
     from deepdot.data import ImageData
     from deepdot.io.files import ensure_dir, load_trigger, write_json
@@ -191,24 +191,27 @@ def mitigate_command(
         f"{len(repair)} clean images for repair, {len(held_out)} held out for measuring"
     )
     names = AUTO_METHODS if method is Method.auto else (method.value,)
-    layer_choice = layer or "last_conv_default"
+    # auto chooses on a validation share of the repair data, so the held-out figures stay unbiased
+    fit_data, validation = repair.split(0.2, seed=seed) if method is Method.auto else (repair, None)
     results: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     filter_figures = None
     with _bars() as bars:
         for name in names:
-            algo = make_mitigation(name, layer=layer_choice, fpr=fpr, epochs=epochs, lr=lr, seed=seed)
-            results[name] = algo.apply(classifier, backdoors, repair, progress=bars)
+            algo = make_mitigation(name, layer=layer, fpr=fpr, epochs=epochs, lr=lr, seed=seed)
+            results[name] = algo.apply(classifier, backdoors, fit_data, progress=bars)
             if name == "filter":
                 filter_figures = measure_filter(classifier, results[name].input_filter, held_out, backdoors, planted)
                 figures[name] = filter_figures.behind_filter
             else:
                 figures[name] = measure(results[name].classifier, held_out, backdoors, planted)
     chosen = names[0]
-    if method is Method.auto:
-        best = choose_best(before, figures, max_accuracy_drop)
-        # None keeps accuracy within the margin: keep the one that loses least.
-        chosen = best if best is not None else max(figures, key=lambda n: figures[n].clean_accuracy)
+    best: str | None = chosen
+    if validation is not None:
+        checked = {n: measure(r.classifier, validation, backdoors) for n, r in results.items()}
+        best = choose_best(measure(classifier, validation, backdoors), checked, max_accuracy_drop)
+        # None kept accuracy within the margin: keep the one that lost least.
+        chosen = best if best is not None else max(checked, key=lambda n: checked[n].clean_accuracy)
     result = results[chosen]
     summary: dict[str, Any] = {
         "method": chosen,
@@ -218,7 +221,7 @@ def mitigate_command(
         "labels": mitigated,
         "repair_data": repair.name,
         "test_data": held_out.name,
-        "repair_images": len(repair),
+        "repair_images": len(fit_data),
         "test_images": len(held_out),
         "before": before.to_dict(),
         "after": figures[chosen].to_dict(),
