@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo import REPLICAS, splits  # noqa: E402
-
 from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
 from deepdot.io.models import load_model  # noqa: E402
 from deepdot.report.artifacts import Checkpoint, file_digest, write_scan  # noqa: E402
 from deepdot.scan import FastNeuralCleanse, NeuralCleanse  # noqa: E402
 from deepdot.triggers import mask_iou  # noqa: E402
+from zoo import REPLICAS, splits  # noqa: E402
 
 ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 
@@ -38,7 +37,9 @@ ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 def scanners(args: argparse.Namespace) -> dict:
     return {
         "fast": FastNeuralCleanse(seed=args.seed),
-        "faithful": NeuralCleanse(steps=args.faithful_steps, samples_per_step=args.faithful_samples, batch_size=32, seed=args.seed),
+        "faithful": NeuralCleanse(
+            steps=args.faithful_steps, samples_per_step=args.faithful_samples, batch_size=32, seed=args.seed
+        ),
     }
 
 
@@ -86,20 +87,38 @@ def main(argv: list[str] | None = None) -> int:
         summary = read_json(folder / ("attack.json" if (folder / "attack.json").exists() else "train.json"))
         planted = load_trigger(folder / "trigger.npz") if (folder / "trigger.npz").exists() else None
         truth = summary.get("target") if planted is not None else None
-        row = {"model": name, "planted_target": truth, "clean_accuracy": summary["clean_accuracy"],
-               "attack_success_rate": summary.get("attack_success_rate")}
+        row = {
+            "model": name,
+            "planted_target": truth,
+            "clean_accuracy": summary["clean_accuracy"],
+            "attack_success_rate": summary.get("attack_success_rate"),
+        }
         for mode in args.modes:
             scanner = scanners(args)[mode]
             out = ensure_dir(args.work / name / mode)
-            checkpoint = Checkpoint(out, {"model": file_digest(folder / "model.safetensors"), "settings": scanner.settings(), "images": len(data)})
+            checkpoint = Checkpoint(
+                out,
+                {
+                    "model": file_digest(folder / "model.safetensors"),
+                    "settings": scanner.settings(),
+                    "images": len(data),
+                },
+            )
             done = checkpoint.load()
             checkpoint.start()
             print(f"{name}: {mode} scan ({len(done)} labels from checkpoint)", flush=True)
-            result = scanner.scan(model, data, suspected=[truth] if truth is not None else (), done=done, on_label=checkpoint.save)
+            result = scanner.scan(
+                model, data, suspected=[truth] if truth is not None else (), done=done, on_label=checkpoint.save
+            )
             write_scan(out, result, {"model": name})
-            entry = {"anomaly_index": result.outliers.anomaly_index, "flagged": list(result.flagged),
-                     "seconds": result.seconds, "image_passes": result.image_passes,
-                     "median": result.outliers.median, "mad": result.outliers.mad}
+            entry = {
+                "anomaly_index": result.outliers.anomaly_index,
+                "flagged": list(result.flagged),
+                "seconds": result.seconds,
+                "image_passes": result.image_passes,
+                "median": result.outliers.median,
+                "mad": result.outliers.mad,
+            }
             if truth is not None:
                 recovered = result.trigger_for(truth)
                 entry["target_mask_l1"] = recovered.mask_l1
@@ -117,21 +136,31 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.work / f"{name}.json", row)
 
     print(f"\nscan benchmark, {date.today()}, {torch.get_num_threads()} threads")
-    head = "| model | planted | " + " | ".join(
-        f"{m} AI | {m} flagged | {m} s | {m} passes | {m} target L1 | {m} IoU" for m in args.modes
-    ) + " | passes ratio | time ratio | fast img/s / plain img/s |"
+    head = (
+        "| model | planted | "
+        + " | ".join(f"{m} AI | {m} flagged | {m} s | {m} passes | {m} target L1 | {m} IoU" for m in args.modes)
+        + " | passes ratio | time ratio | fast img/s / plain img/s |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         cells = [r["model"], str(r["planted_target"] if r["planted_target"] is not None else "clean")]
         for m in args.modes:
             e = r[m]
-            cells += [f"{e['anomaly_index']:.2f}", str(e["flagged"] or "none"), f"{e['seconds']:.0f}", f"{e['image_passes']:,}",
-                      f"{e.get('target_mask_l1', float('nan')):.1f}", f"{e.get('target_iou', float('nan')):.2f}"]
+            cells += [
+                f"{e['anomaly_index']:.2f}",
+                str(e["flagged"] or "none"),
+                f"{e['seconds']:.0f}",
+                f"{e['image_passes']:,}",
+                f"{e.get('target_mask_l1', float('nan')):.1f}",
+                f"{e.get('target_iou', float('nan')):.2f}",
+            ]
         cells += [f"{r.get('passes_ratio', float('nan')):.1f}", f"{r.get('time_ratio', float('nan')):.1f}"]
         if "plain_images_per_second" in r:
-            cells.append(f"{r['fast_images_per_second']:.0f} / {r['plain_images_per_second']:.0f} "
-                         f"({r['fast_images_per_second'] / r['plain_images_per_second']:.0%})")
+            cells.append(
+                f"{r['fast_images_per_second']:.0f} / {r['plain_images_per_second']:.0f} "
+                f"({r['fast_images_per_second'] / r['plain_images_per_second']:.0%})"
+            )
         else:
             cells.append("")
         print("| " + " | ".join(cells) + " |")

@@ -29,7 +29,18 @@ def test_train_attack_evaluate_round_trip(tmp_path):
     figures = json.loads((out / "attack.json").read_text())
     assert figures["target"] == 3 and figures["attack_success_rate"] > 0.8 and figures["clean_accuracy"] > 0.85
     assert (out / "model.safetensors").exists() and (out / "model.json").exists() and (out / "trigger.npz").exists()
-    ev = run("evaluate", out / "model.safetensors", "--data", "digits", "--trigger", out / "trigger.npz", "--target", 3, "--out", tmp_path / "ev")
+    ev = run(
+        "evaluate",
+        out / "model.safetensors",
+        "--data",
+        "digits",
+        "--trigger",
+        out / "trigger.npz",
+        "--target",
+        3,
+        "--out",
+        tmp_path / "ev",
+    )
     assert ev.exit_code == 0, ev.output
     evaluated = json.loads((tmp_path / "ev" / "evaluate.json").read_text())
     assert evaluated["attack_success_rate"] == pytest.approx(figures["attack_success_rate"])
@@ -58,8 +69,20 @@ def test_scan_exit_codes_and_outputs(saved_models, tmp_path):
 def test_interrupted_scan_resumes_to_the_same_result(saved_models, tmp_path, monkeypatch):
     from deepdot.scan import NeuralCleanse
 
-    args = ["scan", saved_models["badnets"], "--mode", "faithful", "--steps", "4", "--samples-per-step", "32",
-            "--labels", "0,3,5,7", "--data", "digits"]
+    args = [
+        "scan",
+        saved_models["badnets"],
+        "--mode",
+        "faithful",
+        "--steps",
+        "4",
+        "--samples-per-step",
+        "32",
+        "--labels",
+        "0,3,5,7",
+        "--data",
+        "digits",
+    ]
     reference = run(*args, "--out", tmp_path / "ref")
     assert reference.exit_code in (0, 1)
     expected = json.loads((tmp_path / "ref" / "scan.json").read_text())

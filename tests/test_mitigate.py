@@ -209,5 +209,18 @@ def test_cli_scan_mitigate_filter(saved_models, scan_dir, tmp_path):
     assert screened["images"] == len(screened["scores"]) and screened["flagged_count"] == len(screened["flagged"])
     assert (res.exit_code == 1) == bool(screened["flagged"])
 
+    aout = tmp_path / "auto"
+    res = runner.invoke(app, ["mitigate", str(bad), *common, "--method", "auto", "--out", str(aout)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((aout / "mitigation.json").read_text())
+    assert set(summary["candidates"]) == {"prune", "unlearn", "fine-tune", "fine-prune"}
+    candidates = {
+        n: Figures(c["after"]["clean_accuracy"], c["after"]["attack_success_rate"])
+        for n, c in summary["candidates"].items()
+    }
+    chosen = choose_best(Figures(**summary["before"]), candidates, 0.01)
+    assert summary["method"] == (chosen or max(candidates, key=lambda n: candidates[n].clean_accuracy))
+    assert summary["after"]["planted_attack_success_rate"] <= MAX_PLANTED_SUCCESS
+
     res = runner.invoke(app, ["mitigate", str(bad), "--scan", str(tmp_path / "nope"), "--method", "unlearn"])
     assert res.exit_code == 2

@@ -67,7 +67,9 @@ def test_preprocessing_mismatch_stops_the_scan(badnets_digits, digits_test):
     from deepdot.models import Classifier
 
     model = badnets_digits[0]
-    wrong = Classifier(model.network, input_shape=model.input_shape, num_classes=10, preprocess={"mean": [1.0], "std": [1.0]})
+    wrong = Classifier(
+        model.network, input_shape=model.input_shape, num_classes=10, preprocess={"mean": [1.0], "std": [1.0]}
+    )
     with pytest.raises(PreprocessingMismatch, match="--preprocess"):
         FastNeuralCleanse(steps=5).scan(wrong, digits_test)
 

@@ -68,7 +68,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -114,7 +116,9 @@ def _load_data_for(spec: str, split: str, classifier: Any = None, max_images: in
                 f"{'x'.join(map(str, classifier.input_shape))}"
             )
         if data.num_classes > classifier.num_classes:
-            raise DeepdotError(f"{data.name}: labels go up to {data.num_classes - 1} but the model has {classifier.num_classes} classes")
+            raise DeepdotError(
+                f"{data.name}: labels go up to {data.num_classes - 1} but the model has {classifier.num_classes} classes"
+            )
         data = ImageData(data.x, data.y, classifier.num_classes, data.name, data.groups)
     if max_images is not None and max_images < len(data):
         data = data.take(max_images, seed=0)
@@ -131,7 +135,9 @@ def default_architecture(spec: str, shape: tuple[int, int, int], num_classes: in
         return "nc_gtsrb"
     if shape[1:] == (32, 32):
         return "resnet20"
-    raise DeepdotError(f"no built-in architecture takes {shape[1]}x{shape[2]} images; choose one with --arch (see `deepdot models`)")
+    raise DeepdotError(
+        f"no built-in architecture takes {shape[1]}x{shape[2]} images; choose one with --arch (see `deepdot models`)"
+    )
 
 
 def _train_and_test(data: str, test_data: str | None, holdout: float, seed: int) -> tuple[Any, Any]:
@@ -147,7 +153,9 @@ def _train_and_test(data: str, test_data: str | None, holdout: float, seed: int)
     else:
         train_set, test_set = train_set.split(holdout, seed=seed)
     if test_set.image_shape != train_set.image_shape:
-        raise DeepdotError(f"{test_set.name}: test images are {test_set.image_shape}, training images {train_set.image_shape}")
+        raise DeepdotError(
+            f"{test_set.name}: test images are {test_set.image_shape}, training images {train_set.image_shape}"
+        )
     k = max(train_set.num_classes, test_set.num_classes)
     from deepdot.data import ImageData
 
@@ -211,7 +219,9 @@ def build_trigger(
         return triggers.square(shape, size or default_size, color=colour, **place)
     if kind is TriggerType.image:
         if image is None:
-            raise DeepdotError("--trigger-type image needs --trigger-image PNG (e.g. ../shared/data/triggers/armory/peace.png)")
+            raise DeepdotError(
+                "--trigger-type image needs --trigger-image PNG (e.g. ../shared/data/triggers/armory/peace.png)"
+            )
         import numpy as np
         from PIL import Image, UnidentifiedImageError
 
@@ -277,7 +287,10 @@ AllowPickleOpt = Annotated[
 ]
 PreprocessOpt = Annotated[
     str | None,
-    typer.Option("--preprocess", help="Model input preprocessing: raw (0-255), unit ([0,1]), imagenet, inception, or 'mean=a,b,c std=d,e,f'."),
+    typer.Option(
+        "--preprocess",
+        help="Model input preprocessing: raw (0-255), unit ([0,1]), imagenet, inception, or 'mean=a,b,c std=d,e,f'.",
+    ),
 ]
 
 
@@ -286,9 +299,15 @@ PreprocessOpt = Annotated[
 def train_command(
     data: DataOpt = "digits",
     out: OutOpt = Path("deepdot-out/clean"),
-    arch: Annotated[str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")] = None,
-    test_data: Annotated[str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")] = None,
-    holdout: Annotated[float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")] = 0.2,
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")
+    ] = None,
+    test_data: Annotated[
+        str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")
+    ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")
+    ] = 0.2,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -342,21 +361,37 @@ def attack_command(
     data: DataOpt = "digits",
     out: OutOpt = Path("deepdot-out/badnets"),
     target: Annotated[int, typer.Option(help="Attacker's label (all-to-one).")] = 7,
-    all_to_all: Annotated[bool, typer.Option("--all-to-all", help="Send label y to y+1 instead of one target.")] = False,
+    all_to_all: Annotated[
+        bool, typer.Option("--all-to-all", help="Send label y to y+1 instead of one target.")
+    ] = False,
     poison_rate: Annotated[float, typer.Option(help="Share of training images poisoned.")] = 0.1,
-    trigger: Annotated[Path | None, typer.Option("--trigger", help="Use a saved trigger (.npz, or folder/*mask*.png).")] = None,
+    trigger: Annotated[
+        Path | None, typer.Option("--trigger", help="Use a saved trigger (.npz, or folder/*mask*.png).")
+    ] = None,
     trigger_type: Annotated[TriggerType, typer.Option(help="Trigger family.")] = TriggerType.square,
-    trigger_size: Annotated[int | None, typer.Option(help="Patch side in pixels (default 3 on 16x16 images, else 4).")] = None,
+    trigger_size: Annotated[
+        int | None, typer.Option(help="Patch side in pixels (default 3 on 16x16 images, else 4).")
+    ] = None,
     trigger_corner: Annotated[Corner, typer.Option(help="Where the patch goes.")] = Corner.bottom_right,
     trigger_margin: Annotated[int, typer.Option(help="Pixels between the patch and the image border.")] = 1,
-    trigger_position: Annotated[str | None, typer.Option(help="ROW,COL of the patch's top-left pixel (instead of a corner).")] = None,
+    trigger_position: Annotated[
+        str | None, typer.Option(help="ROW,COL of the patch's top-left pixel (instead of a corner).")
+    ] = None,
     trigger_color: Annotated[str, typer.Option(help="Square colour in [0,1]: 1 (white) or R,G,B.")] = "1",
     trigger_image: Annotated[Path | None, typer.Option(help="Picture for image/blended triggers (PNG).")] = None,
-    trigger_alpha: Annotated[float | None, typer.Option(help="Opacity: blended (default 0.1) or image (default 1).")] = None,
+    trigger_alpha: Annotated[
+        float | None, typer.Option(help="Opacity: blended (default 0.1) or image (default 1).")
+    ] = None,
     trigger_pixels: Annotated[int, typer.Option(help="Number of pixels of a 'pixels' trigger.")] = 16,
-    arch: Annotated[str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")] = None,
-    test_data: Annotated[str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")] = None,
-    holdout: Annotated[float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")] = 0.2,
+    arch: Annotated[
+        str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")
+    ] = None,
+    test_data: Annotated[
+        str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")
+    ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")
+    ] = 0.2,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -416,7 +451,12 @@ def attack_command(
     if all_to_all:
         summary["target"] = "all-to-all"
     weights = save_model(model, out)
-    paths = [weights, weights.with_suffix(".json"), save_trigger(planted, out / "trigger.npz"), save_trigger(planted, out / "trigger")]
+    paths = [
+        weights,
+        weights.with_suffix(".json"),
+        save_trigger(planted, out / "trigger.npz"),
+        save_trigger(planted, out / "trigger"),
+    ]
     paths.append(write_json(out / "attack.json", summary))
     print_figures(console, f"Backdoored model ({arch}, BadNets)", summary)
     _report_written(paths)
@@ -427,10 +467,14 @@ def attack_command(
 def evaluate_command(
     model: Annotated[
         Path,
-        typer.Argument(help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."),
+        typer.Argument(
+            help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."
+        ),
     ],
     data: DataOpt = "digits",
-    trigger: Annotated[Path | None, typer.Option("--trigger", help="Trigger to test (.npz, or folder/*mask*.png).")] = None,
+    trigger: Annotated[
+        Path | None, typer.Option("--trigger", help="Trigger to test (.npz, or folder/*mask*.png).")
+    ] = None,
     target: Annotated[int | None, typer.Option(help="Attacker's label for the attack success rate.")] = None,
     all_to_all: Annotated[bool, typer.Option("--all-to-all", help="The attack sends y to y+1.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for evaluate.json (default: print only).")] = None,
@@ -456,7 +500,9 @@ def evaluate_command(
         if goal != ALL_TO_ALL and not 0 <= goal < classifier.num_classes:
             raise DeepdotError(f"--target {goal} is outside the model's 0..{classifier.num_classes - 1}")
         figures["target"] = "all-to-all" if all_to_all else goal
-        figures["attack_success_rate"] = attack_success_rate(classifier, test_set, load_trigger(trigger, test_set.image_shape), goal)
+        figures["attack_success_rate"] = attack_success_rate(
+            classifier, test_set, load_trigger(trigger, test_set.image_shape), goal
+        )
     print_figures(console, "Evaluation", figures)
     if out is not None:
         _report_written([write_json(out / "evaluate.json", figures)])
@@ -472,29 +518,43 @@ class ScanMode(str, Enum):
 def scan_command(
     model: Annotated[
         Path,
-        typer.Argument(help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."),
+        typer.Argument(
+            help="Model: deepdot folder/.safetensors, Keras .h5/.keras, .onnx, TorchScript, or a state_dict with --arch."
+        ),
     ],
     data: DataOpt = "digits",
     out: OutOpt = Path("deepdot-scan"),
     mode: Annotated[
         ScanMode,
-        typer.Option(help="fast: all labels at once with early stopping; faithful: the reference algorithm, label by label."),
+        typer.Option(
+            help="fast: all labels at once with early stopping; faithful: the reference algorithm, label by label."
+        ),
     ] = ScanMode.fast,
-    steps: Annotated[int | None, typer.Option(help="Most optimisation steps per label (fast 500, faithful 1000).")] = None,
-    samples_per_step: Annotated[int | None, typer.Option(help="faithful only: clean images per step (default 1000).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Most optimisation steps per label (fast 500, faithful 1000).")
+    ] = None,
+    samples_per_step: Annotated[
+        int | None, typer.Option(help="faithful only: clean images per step (default 1000).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Most images per mini-batch (default 32).")] = None,
     images_per_step: Annotated[
         int | None, typer.Option(help="fast only: clean images per step (default: 640 / labels, within 16..128).")
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.1).")] = None,
-    init_cost: Annotated[float | None, typer.Option(help="Initial weight of the mask's L1 term (default 1e-3).")] = None,
+    init_cost: Annotated[
+        float | None, typer.Option(help="Initial weight of the mask's L1 term (default 1e-3).")
+    ] = None,
     labels: Annotated[str | None, typer.Option(help="Scan only these labels, e.g. 0,5,33 (at least 3).")] = None,
     suspected: Annotated[str | None, typer.Option(help="Scan these labels first (order only).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Use at most this many clean images.")] = None,
-    min_accuracy: Annotated[float, typer.Option(help="Refuse to scan below this clean accuracy (preprocessing check).")] = 0.5,
+    min_accuracy: Annotated[
+        float, typer.Option(help="Refuse to scan below this clean accuracy (preprocessing check).")
+    ] = 0.5,
     preprocess: PreprocessOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed (the scan is repeatable).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Reuse labels finished by an interrupted run with the same arguments.")] = True,
+    resume: Annotated[
+        bool, typer.Option(help="Reuse labels finished by an interrupted run with the same arguments.")
+    ] = True,
     arch: ModelArchOpt = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -518,7 +578,9 @@ def scan_command(
         "lr": lr,
         "init_cost": init_cost,
     }
-    scanner = make_scanner(mode.value, seed=seed, min_clean_accuracy=min_accuracy, **{k: v for k, v in overrides.items() if v is not None})
+    scanner = make_scanner(
+        mode.value, seed=seed, min_clean_accuracy=min_accuracy, **{k: v for k, v in overrides.items() if v is not None}
+    )
     from deepdot.io.models import model_paths
 
     weights, _ = model_paths(model)
@@ -551,7 +613,12 @@ def scan_command(
     json_path = write_scan(
         out,
         result,
-        {"model": str(model), "data": scan_data.name, "output_kind": classifier.output_kind, "objective": classifier.output_note},
+        {
+            "model": str(model),
+            "data": scan_data.name,
+            "output_kind": classifier.output_kind,
+            "objective": classifier.output_note,
+        },
     )
     print_scan(console, result, str(model))
     console.print(f"objective: {classifier.output_note}")
@@ -576,7 +643,9 @@ def make_scanner(mode: str, **settings: Any) -> Any:
 @handle_errors
 def demo_command(
     out: OutOpt = Path("deepdot-demo"),
-    cache: Annotated[Path | None, typer.Option(help="Where the demo's models are kept (default ~/.cache/deepdot/demo).")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Where the demo's models are kept (default ~/.cache/deepdot/demo).")
+    ] = None,
     retrain: Annotated[bool, typer.Option(help="Train the demo models again even if cached.")] = False,
 ) -> None:
     """Train (or reuse) a clean and a backdoored model on the built-in digits, scan both."""

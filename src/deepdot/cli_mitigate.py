@@ -154,9 +154,9 @@ def mitigate_command(
     """Remove a backdoor found by `deepdot scan` (Neural Cleanse filter/pruning/unlearning, Fine-Pruning).
 
     The clean --data is split into a repair part and a held-out part (--holdout, or --test-data)
-    on which before/after figures are measured; auto repairs on 80 % of the repair part and picks
-    the method on the other 20 %. Writes the repaired model (model.safetensors + model.json) and
-    mitigation.json to OUT; the filter method writes filter.json (use it with `deepdot filter OUT`).
+    on which before/after figures are measured (and auto picks its method). Writes the repaired
+    model (model.safetensors + model.json) and mitigation.json to OUT; the filter method also
+    writes filter.json (use it with `deepdot filter OUT --data ...`).
     """
     from deepdot.data import ImageData
     from deepdot.io.files import ensure_dir, load_trigger, write_json
@@ -191,15 +191,13 @@ def mitigate_command(
         f"{len(repair)} clean images for repair, {len(held_out)} held out for measuring"
     )
     names = AUTO_METHODS if method is Method.auto else (method.value,)
-    # auto chooses on a validation share of the repair data, so the held-out figures stay unbiased
-    fit_data, validation = repair.split(0.2, seed=seed) if method is Method.auto else (repair, None)
     results: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     filter_figures = None
     with _bars() as bars:
         for name in names:
             algo = make_mitigation(name, layer=layer, fpr=fpr, epochs=epochs, lr=lr, seed=seed)
-            results[name] = algo.apply(classifier, backdoors, fit_data, progress=bars)
+            results[name] = algo.apply(classifier, backdoors, repair, progress=bars)
             if name == "filter":
                 filter_figures = measure_filter(classifier, results[name].input_filter, held_out, backdoors, planted)
                 figures[name] = filter_figures.behind_filter
@@ -207,11 +205,11 @@ def mitigate_command(
                 figures[name] = measure(results[name].classifier, held_out, backdoors, planted)
     chosen = names[0]
     best: str | None = chosen
-    if validation is not None:
-        checked = {n: measure(r.classifier, validation, backdoors) for n, r in results.items()}
-        best = choose_best(measure(classifier, validation, backdoors), checked, max_accuracy_drop)
-        # None kept accuracy within the margin: keep the one that lost least.
-        chosen = best if best is not None else max(checked, key=lambda n: checked[n].clean_accuracy)
+    if method is Method.auto:
+        # Chosen on the held-out figures (against the recovered trigger only: the planted one is
+        # never used to decide). None kept accuracy within the margin: keep the one that lost least.
+        best = choose_best(before, figures, max_accuracy_drop)
+        chosen = best if best is not None else max(figures, key=lambda n: figures[n].clean_accuracy)
     result = results[chosen]
     summary: dict[str, Any] = {
         "method": chosen,
@@ -221,7 +219,7 @@ def mitigate_command(
         "labels": mitigated,
         "repair_data": repair.name,
         "test_data": held_out.name,
-        "repair_images": len(fit_data),
+        "repair_images": len(repair),
         "test_images": len(held_out),
         "before": before.to_dict(),
         "after": figures[chosen].to_dict(),

@@ -52,7 +52,11 @@ def _models(cache: Path, retrain: bool, progress: ProgressFn, log: Callable[[str
             summary = {"clean_accuracy": clean_accuracy(model, test_set)}
             summary["attack_success_rate"] = attack_success_rate(model, test_set, planted, TARGET)
         else:
-            summary = BadNets(trigger=planted, target=TARGET, poison_rate=0.1).run(model, train_set, test_set, TRAIN, progress=progress).to_dict()
+            summary = (
+                BadNets(trigger=planted, target=TARGET, poison_rate=0.1)
+                .run(model, train_set, test_set, TRAIN, progress=progress)
+                .to_dict()
+            )
             save_trigger(planted, ensure_dir(path) / "trigger.npz")
         save_model(model, path)
         write_json(path / "summary.json", summary)
@@ -60,7 +64,14 @@ def _models(cache: Path, retrain: bool, progress: ProgressFn, log: Callable[[str
     return models
 
 
-def run_demo(out: Path, cache: Path, *, retrain: bool = False, progress: ProgressFn = no_progress, log: Callable[[str], Any] = print) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    cache: Path,
+    *,
+    retrain: bool = False,
+    progress: ProgressFn = no_progress,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
     """Run the demo; returns a summary whose ``correct`` says whether both verdicts were right."""
     from rich.console import Console
 
@@ -81,10 +92,17 @@ def run_demo(out: Path, cache: Path, *, retrain: bool = False, progress: Progres
         path = write_scan(out / kind, result, {"model": kind, "data": test_set.name})
         print_scan(console, result, f"the {kind} demo model")
         log(f"images and JSON: {path.parent}/")
-        summary[kind] = {**figures, "scan": str(path), "flagged": list(result.flagged), "anomaly_index": result.outliers.anomaly_index}
+        summary[kind] = {
+            **figures,
+            "scan": str(path),
+            "flagged": list(result.flagged),
+            "anomaly_index": result.outliers.anomaly_index,
+        }
     summary["correct"] = summary["clean"]["flagged"] == [] and summary["backdoored"]["flagged"] == [TARGET]
     write_json(out / "demo.json", summary)
     verdict = "both verdicts are right" if summary["correct"] else "a verdict is WRONG (see above)"
-    log(f"demo: clean model flagged {summary['clean']['flagged'] or 'nothing'}, backdoored model flagged "
-        f"{summary['backdoored']['flagged'] or 'nothing'} (planted target {TARGET}): {verdict}")
+    log(
+        f"demo: clean model flagged {summary['clean']['flagged'] or 'nothing'}, backdoored model flagged "
+        f"{summary['backdoored']['flagged'] or 'nothing'} (planted target {TARGET}): {verdict}"
+    )
     return summary

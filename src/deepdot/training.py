@@ -63,7 +63,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 def train(
     classifier: Classifier,
     data: ImageData,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     batch_transform: BatchTransform | None = None,
     progress: ProgressFn = no_progress,
@@ -73,6 +73,7 @@ def train(
     ``batch_transform`` sees each batch after augmentation, with the batch's indices into
     ``data``: BadNets uses it to stamp the trigger onto the poisoned images and relabel them.
     """
+    config = config or TrainConfig()
     if data.image_shape != classifier.input_shape:
         raise DeepdotError(f"{data.name}: images are {data.image_shape} but the model takes {classifier.input_shape}")
     torch.manual_seed(config.seed)
@@ -110,7 +111,11 @@ def train(
                 loss_sum += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-                progress(ProgressEvent("train", step, total, {"epoch": epoch + 1, "epochs": config.epochs, "loss": loss_sum / seen}))
+                progress(
+                    ProgressEvent(
+                        "train", step, total, {"epoch": epoch + 1, "epochs": config.epochs, "loss": loss_sum / seen}
+                    )
+                )
             history.loss.append(loss_sum / seen)
             history.accuracy.append(correct / seen)
     finally:

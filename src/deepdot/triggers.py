@@ -155,7 +155,9 @@ def image_patch(
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
-    rgba = arr if arr.shape[-1] == 4 else np.concatenate([arr[..., :3], np.full(arr.shape[:2] + (1,), 255, arr.dtype)], -1)
+    rgba = (
+        arr if arr.shape[-1] == 4 else np.concatenate([arr[..., :3], np.full(arr.shape[:2] + (1,), 255, arr.dtype)], -1)
+    )
     small = np.asarray(Image.fromarray(rgba.astype(np.uint8), "RGBA").resize((size, size), Image.Resampling.BILINEAR))
     small = small.astype(np.float32) / 255.0
     top, left = place(image_shape, (size, size), corner=corner, margin=margin, position=position)
@@ -167,7 +169,9 @@ def image_patch(
     return Trigger(mask, pattern)
 
 
-def blended(image_shape: tuple[int, int, int], alpha: float = 0.1, *, image: np.ndarray | None = None, seed: int = 0) -> Trigger:
+def blended(
+    image_shape: tuple[int, int, int], alpha: float = 0.1, *, image: np.ndarray | None = None, seed: int = 0
+) -> Trigger:
     """A whole-image trigger blended with weight ``alpha`` (Chen et al. 2017): a picture resized to
     the image size, or uniform noise from ``seed`` when no picture is given."""
     from PIL import Image

@@ -86,7 +86,7 @@ class BadNets:
         classifier: Classifier,
         train_data: ImageData,
         test_data: ImageData,
-        config: TrainConfig = TrainConfig(),
+        config: TrainConfig | None = None,
         *,
         progress: ProgressFn = no_progress,
     ) -> AttackResult:
@@ -109,7 +109,7 @@ class BadNets:
                 y[hit] = attack_targets(y[hit], self.target, k)
             return x, y
 
-        history = train(classifier, train_data, config, batch_transform=poison, progress=progress)
+        history = train(classifier, train_data, config or TrainConfig(), batch_transform=poison, progress=progress)
         return AttackResult(
             clean_accuracy=clean_accuracy(classifier, test_data),
             attack_success_rate=attack_success_rate(classifier, test_data, self.trigger, self.target),

@@ -71,7 +71,12 @@ def _load_npz(path: Path, split: str, num_classes: int | None) -> ImageData:
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
-            for xk, yk in (("x", "y"), (f"x_{split}", f"y_{split}"), (f"X_{split}", f"Y_{split}"), ("X_test", "Y_test")):
+            for xk, yk in (
+                ("x", "y"),
+                (f"x_{split}", f"y_{split}"),
+                (f"X_{split}", f"Y_{split}"),
+                ("X_test", "Y_test"),
+            ):
                 if xk in keys and yk in keys:
                     break
             else:
@@ -98,7 +103,9 @@ def _load_h5(path: Path, split: str, num_classes: int | None) -> ImageData:
                 if xk in keys and yk in keys:
                     break
             else:
-                raise DataError(f"{path}: expected datasets X_test/Y_test (Neural Cleanse layout); found {sorted(keys)}")
+                raise DataError(
+                    f"{path}: expected datasets X_test/Y_test (Neural Cleanse layout); found {sorted(keys)}"
+                )
             xa, ya = np.asarray(f[xk]), np.asarray(f[yk])
     except OSError as exc:
         raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
@@ -131,7 +138,9 @@ def _load_folder(path: Path, num_classes: int | None) -> ImageData:
         if shape is None:
             shape = arr.shape
         elif arr.shape != shape:
-            raise DataError(f"{f}: image is {arr.shape[:2]} but earlier images are {shape[:2]}; resize them to one size")
+            raise DataError(
+                f"{f}: image is {arr.shape[:2]} but earlier images are {shape[:2]}; resize them to one size"
+            )
         images.append(arr)
         labels.append(int(classes[i].name) if numeric else i)
     if not images:
@@ -170,4 +179,6 @@ def load_data(spec: str | Path, *, split: str = "test", num_classes: int | None 
         return _load_npz(path, split, num_classes)
     if suffix in (".h5", ".hdf5"):
         return _load_h5(path, split, num_classes)
-    raise DataError(f"{path}: unsupported data format {suffix or '(none)'}; use .npz, .h5 or a folder of class subfolders")
+    raise DataError(
+        f"{path}: unsupported data format {suffix or '(none)'}; use .npz, .h5 or a folder of class subfolders"
+    )

@@ -105,7 +105,9 @@ def load_trigger(path: str | Path, image_shape: tuple[int, int, int] | None = No
     if p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as f:
-                trigger = Trigger(torch.from_numpy(f["mask"].astype(np.float32)), torch.from_numpy(f["pattern"].astype(np.float32)))
+                trigger = Trigger(
+                    torch.from_numpy(f["mask"].astype(np.float32)), torch.from_numpy(f["pattern"].astype(np.float32))
+                )
         except FileNotFoundError as exc:
             raise DeepdotError(f"{p}: no such file") from exc
         except (OSError, KeyError, ValueError) as exc:

@@ -25,7 +25,7 @@ class Architecture:
     build: Callable[..., nn.Module]
     input_shape: tuple[int, int, int]
     num_classes: int
-    preprocess: "str | dict[str, list[float]]"
+    preprocess: str | dict[str, list[float]]
     #: Named module whose output is the last convolutional feature map (after its ReLU).
     last_conv_layer: str
     #: Named module whose output feeds the final (logit) layer.
@@ -110,9 +110,7 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

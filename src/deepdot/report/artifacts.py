@@ -91,5 +91,7 @@ class Checkpoint:
         info = {k: v for k, v in item.to_dict().items()}
         info["seconds"] = item.seconds
         tmp = self.folder / f"label_{item.label}.tmp.npz"
-        np.savez(tmp, mask=item.trigger.mask.numpy(), pattern=item.trigger.pattern.numpy(), info=np.array(json.dumps(info)))
+        np.savez(
+            tmp, mask=item.trigger.mask.numpy(), pattern=item.trigger.pattern.numpy(), info=np.array(json.dumps(info))
+        )
         tmp.replace(self.folder / f"label_{item.label}.npz")

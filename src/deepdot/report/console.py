@@ -44,7 +44,9 @@ class ProgressBars:
     def __call__(self, event: ProgressEvent) -> None:
         info = " ".join(f"{k} {_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",))
         if event.stage not in self.tasks:
-            self.tasks[event.stage] = self.progress.add_task(self.LABELS.get(event.stage, event.stage), total=event.total, info="")
+            self.tasks[event.stage] = self.progress.add_task(
+                self.LABELS.get(event.stage, event.stage), total=event.total, info=""
+            )
         task = self.tasks[event.stage]
         self.progress.update(task, completed=event.done, total=event.total, info=info)
 
@@ -83,8 +85,7 @@ def print_scan(console: Console, result: ScanResult, model: str) -> None:
     l1 = {t.label: t.mask_l1 for t in result.labels}
     flagged = ", ".join(f"{k}: {l1[k]:.2f}" for k in o.flagged) or "none"
     console.print(
-        f"median: {o.median:.2f}, MAD: {o.mad:.2f}, anomaly index: {o.anomaly_index:.2f}, "
-        f"flagged label list: {flagged}"
+        f"median: {o.median:.2f}, MAD: {o.mad:.2f}, anomaly index: {o.anomaly_index:.2f}, flagged label list: {flagged}"
     )
     console.print(
         f"{result.image_passes:,} image passes in {result.seconds:.1f} s; clean accuracy on the scan data {result.clean_accuracy:.1%}"

@@ -83,7 +83,9 @@ class FastNeuralCleanse(TriggerScanner):
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:
             raise DeepdotError("lr and init cost must be positive, cost multiplier > 1, patience >= 1")
 
-    def _reverse(self, classifier: Classifier, x: torch.Tensor, labels: list[int], progress: ProgressFn) -> Iterator[LabelTrigger]:
+    def _reverse(
+        self, classifier: Classifier, x: torch.Tensor, labels: list[int], progress: ProgressFn
+    ) -> Iterator[LabelTrigger]:
         if not labels:
             return
         start = time.perf_counter()
@@ -167,7 +169,9 @@ class FastNeuralCleanse(TriggerScanner):
             # early stopping (reference rule, per label)
             valid = best_reg[idx] < math.inf
             no_gain = best_reg[idx] >= stop_best[idx]
-            stop_c[idx] = torch.where(valid, torch.where(no_gain, stop_c[idx] + 1, torch.zeros_like(stop_c[idx])), stop_c[idx])
+            stop_c[idx] = torch.where(
+                valid, torch.where(no_gain, stop_c[idx] + 1, torch.zeros_like(stop_c[idx])), stop_c[idx]
+            )
             stop_best[idx] = torch.minimum(stop_best[idx], best_reg[idx])
             done = up_f[idx] & down_f[idx] & (stop_c[idx] >= self.early_stop_patience)
 
@@ -250,7 +254,9 @@ class _RowAdam:
     stopped labels would drift; here each row has its own step count and stopped rows stand still.
     """
 
-    def __init__(self, params: tuple[torch.Tensor, ...], *, lr: float, betas: tuple[float, float], eps: float = 1e-7) -> None:
+    def __init__(
+        self, params: tuple[torch.Tensor, ...], *, lr: float, betas: tuple[float, float], eps: float = 1e-7
+    ) -> None:
         self.params = params
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.m = [torch.zeros_like(p) for p in params]

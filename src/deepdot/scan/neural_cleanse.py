@@ -117,7 +117,9 @@ class NeuralCleanse(TriggerScanner):
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:
             raise DeepdotError("lr and init cost must be positive, cost multiplier > 1, patience >= 1")
 
-    def _reverse(self, classifier: Classifier, x: torch.Tensor, labels: list[int], progress: ProgressFn) -> Iterator[LabelTrigger]:
+    def _reverse(
+        self, classifier: Classifier, x: torch.Tensor, labels: list[int], progress: ProgressFn
+    ) -> Iterator[LabelTrigger]:
         for i, label in enumerate(labels):
             progress(ProgressEvent("label", i, len(labels), {"label": label}))
             yield self.reverse_engineer(classifier, x, label, progress=progress)
