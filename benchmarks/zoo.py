@@ -70,7 +70,7 @@ REPLICAS = {
         Replica(
             "cifar10",
             "resnet20",
-            TrainConfig(epochs=30, batch_size=128, lr=2e-3, weight_decay=5e-4, lr_milestones=(0.6, 0.85), augment=True),
+            TrainConfig(epochs=15, batch_size=128, lr=2e-3, weight_decay=5e-4, lr_milestones=(0.6, 0.85), augment=True),
             (4, "top-left", 1),
             2,
         ),

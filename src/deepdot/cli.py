@@ -294,40 +294,26 @@ PreprocessOpt = Annotated[
 ]
 
 
-@app.command("train")
-@handle_errors
-def train_command(
-    data: DataOpt = "digits",
-    out: OutOpt = Path("deepdot-out/clean"),
-    arch: Annotated[
-        str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")
-    ] = None,
-    test_data: Annotated[
-        str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")
-    ] = None,
-    holdout: Annotated[
-        float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")
-    ] = 0.2,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    augment: Annotated[bool, typer.Option(help="Random crop + flip (CIFAR-style).")] = False,
-    preprocess: PreprocessOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed (runs are repeatable).")] = 0,
-) -> None:
-    """Train a clean model; writes MODEL (model.safetensors + model.json) and train.json."""
-    from deepdot.io.files import ensure_dir, write_json
-    from deepdot.io.models import save_model
-    from deepdot.metrics import clean_accuracy
-    from deepdot.models import build_classifier, parse_preprocess
-    from deepdot.report.console import print_figures
-    from deepdot.training import TrainConfig, train
+# options shared by `train` and `attack`
+TrainArchOpt = Annotated[str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")]
+TestDataOpt = Annotated[
+    str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")
+]
+HoldoutOpt = Annotated[float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[int, typer.Option(help="Training batch size.")]
+LrOpt = Annotated[float, typer.Option(help="Adam learning rate.")]
+AugmentOpt = Annotated[bool, typer.Option(help="Random crop + flip (CIFAR-style).")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (runs are repeatable).")]
 
-    ensure_dir(out)
-    train_set, test_set = _train_and_test(data, test_data, holdout, seed)
-    arch = arch or default_architecture(data, train_set.image_shape, train_set.num_classes)
+
+def _fresh_model(arch: str | None, data: str, train_set: Any, preprocess: str | None, seed: int) -> tuple[str, Any]:
+    """(architecture name, a newly initialised classifier) for the training data, seeded."""
     import torch
 
+    from deepdot.models import build_classifier, parse_preprocess
+
+    arch = arch or default_architecture(data, train_set.image_shape, train_set.num_classes)
     torch.manual_seed(seed)
     model = build_classifier(
         arch,
@@ -335,6 +321,34 @@ def train_command(
         input_shape=train_set.image_shape,
         preprocess=parse_preprocess(preprocess) if preprocess else None,
     )
+    return arch, model
+
+
+@app.command("train")
+@handle_errors
+def train_command(
+    data: DataOpt = "digits",
+    out: OutOpt = Path("deepdot-out/clean"),
+    arch: TrainArchOpt = None,
+    test_data: TestDataOpt = None,
+    holdout: HoldoutOpt = 0.2,
+    epochs: EpochsOpt = 30,
+    batch_size: BatchOpt = 32,
+    lr: LrOpt = 1e-3,
+    augment: AugmentOpt = False,
+    preprocess: PreprocessOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a clean model; writes MODEL (model.safetensors + model.json) and train.json."""
+    from deepdot.io.files import ensure_dir, write_json
+    from deepdot.io.models import save_model
+    from deepdot.metrics import clean_accuracy
+    from deepdot.report.console import print_figures
+    from deepdot.training import TrainConfig, train
+
+    ensure_dir(out)
+    train_set, test_set = _train_and_test(data, test_data, holdout, seed)
+    arch, model = _fresh_model(arch, data, train_set, preprocess, seed)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     with _bars() as bars:
         history = train(model, train_set, config, progress=bars)
@@ -383,30 +397,21 @@ def attack_command(
         float | None, typer.Option(help="Opacity: blended (default 0.1) or image (default 1).")
     ] = None,
     trigger_pixels: Annotated[int, typer.Option(help="Number of pixels of a 'pixels' trigger.")] = 16,
-    arch: Annotated[
-        str | None, typer.Option(help="Architecture (see `deepdot models`); default fits the data.")
-    ] = None,
-    test_data: Annotated[
-        str | None, typer.Option(help="Test data; default: the built-in test split or a held-out share.")
-    ] = None,
-    holdout: Annotated[
-        float, typer.Option(help="Share of --data held out for testing when there is no --test-data.")
-    ] = 0.2,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    augment: Annotated[bool, typer.Option(help="Random crop + flip (CIFAR-style).")] = False,
+    arch: TrainArchOpt = None,
+    test_data: TestDataOpt = None,
+    holdout: HoldoutOpt = 0.2,
+    epochs: EpochsOpt = 30,
+    batch_size: BatchOpt = 32,
+    lr: LrOpt = 1e-3,
+    augment: AugmentOpt = False,
     preprocess: PreprocessOpt = None,
-    seed: Annotated[int, typer.Option(help="Random seed (runs are repeatable).")] = 0,
+    seed: SeedOpt = 0,
 ) -> None:
     """Train a BadNets-backdoored model; writes MODEL, trigger.npz (+ PNGs) and attack.json."""
-    import torch
-
     from deepdot.attacks import BadNets
     from deepdot.io.files import ensure_dir, save_trigger, write_json
     from deepdot.io.models import save_model
     from deepdot.metrics import ALL_TO_ALL
-    from deepdot.models import build_classifier, parse_preprocess
     from deepdot.report.console import print_figures
     from deepdot.training import TrainConfig
 
@@ -426,14 +431,7 @@ def attack_command(
         pixels=trigger_pixels,
         seed=seed,
     )
-    arch = arch or default_architecture(data, train_set.image_shape, train_set.num_classes)
-    torch.manual_seed(seed)
-    model = build_classifier(
-        arch,
-        num_classes=train_set.num_classes,
-        input_shape=train_set.image_shape,
-        preprocess=parse_preprocess(preprocess) if preprocess else None,
-    )
+    arch, model = _fresh_model(arch, data, train_set, preprocess, seed)
     attack = BadNets(trigger=planted, target=ALL_TO_ALL if all_to_all else target, poison_rate=poison_rate, seed=seed)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
     with _bars() as bars:
