@@ -77,7 +77,7 @@ def _weights(model):
 # costs digits_net ~10 points (see test_pruning_curve_alone).
 REPAIRS = {
     "prune+fine-tune": NeuronPruning(fine_tune_epochs=5, lr=1e-2),
-    "unlearn": Unlearning(epochs=2),
+    "unlearn": Unlearning(),
     "fine-prune": FinePruning(),
 }
 
@@ -185,7 +185,7 @@ def test_cli_scan_mitigate_filter(saved_models, scan_dir, tmp_path):
 
     common = ["--scan", str(scan_dir), "--data", "digits", "--trigger", str(bad / "trigger.npz"), "--target", "7"]
     out = tmp_path / "unlearned"
-    res = runner.invoke(app, ["mitigate", str(bad), *common, "--method", "unlearn", "--epochs", "2", "--out", str(out)])
+    res = runner.invoke(app, ["mitigate", str(bad), *common, "--method", "unlearn", "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "mitigation.json").read_text())
     assert summary["method"] == "unlearn"

@@ -23,6 +23,10 @@ from deepdot.training import TrainConfig, train
 class Unlearning(Mitigation):
     """Fine-tune with the recovered trigger stamped on a share of clean images, labels unchanged.
 
+    Three epochs by default: one (the paper's figure, with 10 % of the training set) left the
+    planted GTSRB trigger at 50 % attack success here; three brought it to 2.8 % (digits: 0.7 %),
+    with no loss of clean accuracy.
+
     Args:
         epochs: passes over the clean data (1 in the paper).
         trigger_fraction: share of images given a recovered trigger (0.2 in the paper).
@@ -33,7 +37,7 @@ class Unlearning(Mitigation):
 
     method = "unlearn"
 
-    epochs: int = 1
+    epochs: int = 3
     trigger_fraction: float = 0.2
     lr: float = 1e-3
     batch_size: int = 32
