@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deepdot import triggers
 from deepdot.attacks import BadNets
 from deepdot.io import load_data
@@ -46,6 +48,7 @@ def _models(cache: Path, retrain: bool, progress: ProgressFn, log: Callable[[str
             models[kind] = (load_model(path), read_json(path / "summary.json"))
             continue
         log(f"training the {kind} demo model on digits ({len(train_set)} images)")
+        torch.manual_seed(0)  # same initial weights on every machine and run
         model = build_classifier("digits_net")
         if kind == "clean":
             train(model, train_set, TRAIN, progress=progress)
