@@ -29,6 +29,25 @@ class MitigationError(DeepdotError):
     """A mitigation cannot run with these settings, this model or this data."""
 
 
+def check_pruning_search(
+    method: str,
+    *,
+    max_fraction: float,
+    step_fraction: float,
+    fine_tune_epochs: int,
+    batch_size: int,
+    lr: float,
+    max_images: int,
+) -> None:
+    """Validate the settings shared by the pruning searches (``prune`` and ``fine-prune``)."""
+    if not 0 < max_fraction <= 1 or not 0 < step_fraction <= 1:
+        raise MitigationError("max_fraction and step_fraction must be in (0, 1]")
+    if fine_tune_epochs < 0 or batch_size < 1 or lr <= 0:
+        raise MitigationError(f"{method} needs fine_tune_epochs >= 0, batch size >= 1 and a positive learning rate")
+    if max_images < 10:
+        raise MitigationError(f"max_images must be at least 10, got {max_images}")
+
+
 @dataclass(frozen=True)
 class RecoveredBackdoor:
     """A trigger recovered by a scan and the label it sends images to."""

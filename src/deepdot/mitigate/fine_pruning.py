@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from deepdot.data import ImageData
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
 from deepdot.mitigate.layers import bake_pruning, resolve_layer, unit_activations
 from deepdot.mitigate.prune import fine_tune_pruned, prune_until
 from deepdot.mitigate.result import MitigationResult, PruningOutcome
@@ -102,14 +102,15 @@ class FinePruning(Mitigation):
     def __post_init__(self) -> None:
         if not 0 <= self.max_accuracy_drop < 1:
             raise MitigationError(f"max_accuracy_drop must be in [0, 1), got {self.max_accuracy_drop}")
-        if not 0 < self.max_fraction <= 1 or not 0 < self.step_fraction <= 1:
-            raise MitigationError("max_fraction and step_fraction must be in (0, 1]")
-        if self.fine_tune_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise MitigationError(
-                "fine-pruning needs fine_tune_epochs >= 0, batch size >= 1 and a positive learning rate"
-            )
-        if self.max_images < 10:
-            raise MitigationError(f"max_images must be at least 10, got {self.max_images}")
+        check_pruning_search(
+            "fine-pruning",
+            max_fraction=self.max_fraction,
+            step_fraction=self.step_fraction,
+            fine_tune_epochs=self.fine_tune_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            max_images=self.max_images,
+        )
 
     def _run(
         self,

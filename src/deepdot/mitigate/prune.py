@@ -16,7 +16,7 @@ import torch
 
 from deepdot.data import ImageData
 from deepdot.metrics import attack_success_rate, clean_accuracy
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
 from deepdot.mitigate.layers import bake_pruning, resolve_layer, units_off
 from deepdot.mitigate.ranking import rank_by_trigger
 from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
@@ -109,14 +109,17 @@ class NeuronPruning(Mitigation):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.fine_tune_epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise MitigationError("pruning needs fine_tune_epochs >= 0, batch size >= 1 and a positive learning rate")
         if not 0 <= self.target_attack_success < 1:
             raise MitigationError(f"target_attack_success must be in [0, 1), got {self.target_attack_success}")
-        if not 0 < self.max_fraction <= 1 or not 0 < self.step_fraction <= 1:
-            raise MitigationError("max_fraction and step_fraction must be in (0, 1]")
-        if self.max_images < 10:
-            raise MitigationError(f"max_images must be at least 10, got {self.max_images}")
+        check_pruning_search(
+            "pruning",
+            max_fraction=self.max_fraction,
+            step_fraction=self.step_fraction,
+            fine_tune_epochs=self.fine_tune_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            max_images=self.max_images,
+        )
 
     def _run(
         self,
