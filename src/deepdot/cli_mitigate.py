@@ -105,7 +105,10 @@ def make_mitigation(
 @handle_errors
 def mitigate_command(
     model: Annotated[
-        Path, typer.Argument(help="The backdoored model: model.safetensors (with model.json) or its folder.")
+        Path,
+        typer.Argument(
+            help="The backdoored model: a deepdot folder or model.safetensors, or a Keras, ONNX or TorchScript file."
+        ),
     ],
     scan: Annotated[
         Path, typer.Option("--scan", help="scan.json written by `deepdot scan` (or its folder, with the label PNGs).")
@@ -155,12 +158,13 @@ def mitigate_command(
 
     The clean --data is split into a repair part and a held-out part (--holdout, or --test-data)
     on which before/after figures are measured (and auto picks its method). Writes the repaired
-    model (model.safetensors + model.json) and mitigation.json to OUT; the filter method also
+    model in the input's format (model.safetensors + model.json, model.h5, model.onnx, model.pt …,
+    with model.json holding its preprocessing) and mitigation.json to OUT; the filter method also
     writes filter.json (use it with `deepdot filter OUT --data ...`).
     """
     from deepdot.data import ImageData
     from deepdot.io.files import ensure_dir, load_trigger, write_json
-    from deepdot.io.models import save_model
+    from deepdot.io.save_as import check_save_as, save_model_as
     from deepdot.metrics import ALL_TO_ALL
     from deepdot.mitigate import PlantedBackdoor, choose_best, measure, measure_filter
 
@@ -180,6 +184,10 @@ def mitigate_command(
         if goal != ALL_TO_ALL and not 0 <= goal < classifier.num_classes:
             raise DeepdotError(f"--target {goal} is outside the model's 0..{classifier.num_classes - 1}")
         planted = PlantedBackdoor(goal, load_trigger(trigger, classifier.input_shape))
+    # Before the long work: can the repaired model be written in the input's format?
+    save_format = check_save_as(classifier, model)
+    if save_format.note:
+        console.print(save_format.note)
     repair, held_out = _train_and_test(data, test_data, holdout, seed)
     repair, held_out = (
         ImageData(d.x, d.y, classifier.num_classes, d.name, d.groups)
@@ -233,10 +241,9 @@ def mitigate_command(
         summary["max_accuracy_drop"] = max_accuracy_drop
         summary["within_accuracy_margin"] = best is not None
         summary["candidates"] = {n: {"after": f.to_dict(), "details": results[n].to_dict()} for n, f in figures.items()}
-    weights = save_model(result.classifier, out)
-    paths = [weights, weights.with_suffix(".json")]
+    paths = save_model_as(result.classifier, model, out, fmt=save_format)
     if result.input_filter is not None:
-        paths.append(write_json(out / "filter.json", {**result.input_filter.to_dict(), "model": weights.name}))
+        paths.append(write_json(out / "filter.json", {**result.input_filter.to_dict(), "model": paths[0].name}))
     paths.append(write_json(out / "mitigation.json", summary))
     _print_mitigation(summary)
     _report_written(paths)

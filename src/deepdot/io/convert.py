@@ -31,6 +31,9 @@ class ConvertedModel:
         softmax_removed: the final softmax was dropped, so ``network`` returns its logits.
         last_conv_layer / penultimate_layer: best guesses at these named modules (or None).
         metadata: anything else the file said (e.g. ``preprocess``).
+        layer_modules: each layer of the file (a Keras layer's name; an ONNX node's first
+            output) -> the name of the module in ``network`` made from it; the writers that put
+            repaired weights back into a copy of the file follow it.
     """
 
     network: nn.Module
@@ -40,6 +43,7 @@ class ConvertedModel:
     last_conv_layer: str | None = None
     penultimate_layer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    layer_modules: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

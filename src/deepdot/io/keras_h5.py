@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -110,17 +111,18 @@ def _h5_weight_reader(root: Any) -> WeightReader:
     """Weights of a layer in a Keras 2 / Keras 3 legacy HDF5 file, keyed by short name."""
 
     def read(layer: str, _cls: str) -> dict[str, np.ndarray]:
-        if layer not in root:
-            return {}
-        group = root[layer]
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
-        out: dict[str, np.ndarray] = {}
-        for name in names:
-            short = name.split("/")[-1].split(":")[0]
-            out[short] = np.asarray(group[name], dtype=np.float32)
-        return out
+        return {short: np.asarray(ds, dtype=np.float32) for short, ds in _h5_layer_datasets(root, layer).items()}
 
     return read
+
+
+def _h5_layer_datasets(root: Any, layer: str) -> dict[str, Any]:
+    """A layer's weight datasets in a Keras HDF5 file by short name (``kernel``, ``bias``, …)."""
+    if layer not in root:
+        return {}
+    group = root[layer]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+    return {name.split("/")[-1].split(":")[0]: group[name] for name in names}
 
 
 # Keras 3 ``.keras`` files store each layer's variables as vars/0, vars/1, ... in this order.
@@ -153,17 +155,10 @@ def _load_keras_zip(p: Path) -> ConvertedModel:
             config = json.loads(archive.read("config.json"))
             weights_blob = archive.read("model.weights.h5")
         with h5py.File(io.BytesIO(weights_blob), "r") as f:
-            layers_group = f["layers"] if "layers" in f else f
-            stored = _stored_names(config)
-            configs = _layer_configs(config)
+            datasets = _zip_layer_datasets(f, config)
 
             def read(layer: str, cls: str) -> dict[str, np.ndarray]:
-                group_name = stored.get(layer, layer)
-                if group_name not in layers_group or "vars" not in layers_group[group_name]:
-                    return {}
-                variables = layers_group[group_name]["vars"]
-                arrays = [np.asarray(variables[str(i)], dtype=np.float32) for i in range(len(variables))]
-                return dict(zip(_variable_names(cls, configs.get(layer, {})), arrays, strict=False))
+                return {short: np.asarray(ds, dtype=np.float32) for short, ds in datasets(layer, cls).items()}
 
             return convert_config(config, read, p)
     except ModelError:
@@ -171,6 +166,24 @@ def _load_keras_zip(p: Path) -> ConvertedModel:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{p}: corrupt, truncated or not a Keras .keras model ({detail})") from exc
+
+
+def _zip_layer_datasets(f: Any, config: dict[str, Any]) -> Callable[[str, str], dict[str, Any]]:
+    """(layer name, layer class) -> the layer's weight datasets by short name, in the weights
+    file of a ``.keras`` archive (``layers/<stored name>/vars/<i>``)."""
+    layers_group = f["layers"] if "layers" in f else f
+    stored = _stored_names(config)
+    configs = _layer_configs(config)
+
+    def datasets(layer: str, cls: str) -> dict[str, Any]:
+        group_name = stored.get(layer, layer)
+        if group_name not in layers_group or "vars" not in layers_group[group_name]:
+            return {}
+        variables = layers_group[group_name]["vars"]
+        found = [variables[str(i)] for i in range(len(variables))]
+        return dict(zip(_variable_names(cls, configs.get(layer, {})), found, strict=False))
+
+    return datasets
 
 
 _STORED_PREFIX = {"Conv2D": "conv2d", "Dense": "dense", "BatchNormalization": "batch_normalization"}
@@ -262,6 +275,7 @@ def _convert_sequential(
     body = [layer for layer in layers if _layer_class(layer) != "InputLayer"]
     output_kind, body, strip_last = _strip_final_softmax(body)
     modules: OrderedDict[str, nn.Module] = OrderedDict()
+    layer_modules: dict[str, str] = {}
     rank = 4
     for i, layer in enumerate(body):
         cls, cfg = _layer_class(layer), dict(layer.get("config", {}))
@@ -269,6 +283,8 @@ def _convert_sequential(
             cfg["activation"] = "linear"
         name = module_name(str(cfg.get("name", cls.lower())), modules)
         modules[name], rank = _convert_layer(cls, cfg, read_weights(cfg.get("name", ""), cls), [rank], channels_first)
+        if cfg.get("name"):
+            layer_modules[str(cfg["name"])] = name
     names = list(modules)
     classes = [_layer_class(layer) for layer in body]
     last_conv, penultimate = _guess_named_layers(names, classes)
@@ -279,6 +295,7 @@ def _convert_sequential(
         softmax_removed=output_kind == "probabilities",
         last_conv_layer=last_conv,
         penultimate_layer=penultimate,
+        layer_modules=layer_modules,
     )
 
 
@@ -409,6 +426,7 @@ def _convert_functional(inner: dict[str, Any], read_weights: WeightReader) -> Co
         softmax_removed=output_kind == "probabilities",
         last_conv_layer=names[conv[-1]] if conv else None,
         penultimate_layer=names.get(feeding[0]) if len(feeding) == 1 else None,
+        layer_modules=names,
     )
 
 
@@ -569,3 +587,120 @@ def _conv2d(cfg: dict[str, Any], weights: dict[str, np.ndarray], name: str) -> n
         if conv.bias is not None:
             conv.bias.copy_(_need(weights, "bias", name))
     return chain(("pad", pad), ("conv", conv), ("activation", _activation(cfg.get("activation"))))
+
+
+# -- writing weights back --------------------------------------------------------------------
+def write_keras_weights(network: nn.Module, source: str | Path, dest: str | Path) -> Path:
+    """Write ``network``'s weights into a copy of the Keras file ``source`` it was converted from.
+
+    ``network`` must have the structure :func:`load_keras` builds from ``source`` (a repaired
+    copy: the mitigations change weights, never layers). The copy keeps everything else of the
+    file: its layers, their names, the final softmax, the Keras version it was written with.
+    Works for HDF5 and ``.keras`` files alike (no Keras needed). Returns ``dest``.
+
+    Raises:
+        ModelError: ``source`` is unreadable, ``network`` does not match it, a weight has no
+            place in the file (e.g. a BatchNormalization without ``scale``), or ``dest`` cannot
+            be written.
+    """
+    src, out = Path(source), Path(dest)
+    converted = load_keras(src)
+    expected = {k: tuple(v.shape) for k, v in converted.network.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    if expected != got:
+        raise ModelError(f"{src}: the network to write no longer has this Keras model's layers and weight shapes")
+    values = _keras_values(network, converted.layer_modules, src)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        if zipfile.is_zipfile(src):
+            _patch_keras_zip(src, tmp, values)
+        else:
+            import h5py
+
+            shutil.copyfile(src, tmp)
+            with h5py.File(tmp, "r+") as f:
+                root = f["model_weights"] if "model_weights" in f else f
+                for layer, arrays in values.items():
+                    _assign(src, layer, _h5_layer_datasets(root, layer), arrays)
+        tmp.replace(out)
+    except OSError as exc:
+        raise ModelError(f"{out}: cannot write the model there ({exc.strerror or exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _keras_values(network: nn.Module, layer_modules: dict[str, str], path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Each Keras layer's weights, in Keras layout, read off the PyTorch modules holding them.
+
+    Inverse of :func:`_convert_layer`: conv kernels go back to H×W×in×out, dense kernels to
+    in×out; batch norm gives gamma, beta and its moving statistics.
+    """
+    modules = dict(network.named_modules())
+    weighted = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+    covered: set[int] = set()
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for layer, name in layer_modules.items():
+        leaves = [m for m in modules[name].modules() if isinstance(m, weighted)]
+        if not leaves:
+            continue
+        if len(leaves) > 1:
+            raise ModelError(
+                f"{path}: Keras layer {layer!r} became {len(leaves)} weighted modules; cannot write it back"
+            )
+        leaf = leaves[0]
+        covered.add(id(leaf))
+        arrays: dict[str, torch.Tensor | None]
+        if isinstance(leaf, nn.Conv2d):
+            arrays = {"kernel": leaf.weight.permute(2, 3, 1, 0), "bias": leaf.bias}  # O,I,H,W -> H,W,I,O
+        elif isinstance(leaf, nn.Linear):
+            arrays = {"kernel": leaf.weight.T, "bias": leaf.bias}
+        else:
+            arrays = {
+                "gamma": leaf.weight,
+                "beta": leaf.bias,
+                "moving_mean": leaf.running_mean,
+                "moving_variance": leaf.running_var,
+            }
+        values[layer] = {k: v.detach().cpu().numpy() for k, v in arrays.items() if v is not None}
+    stray = [n for n, m in modules.items() if isinstance(m, weighted) and id(m) not in covered]
+    if stray:
+        raise ModelError(
+            f"{path}: module {stray[0]!r} holds weights that belong to no Keras layer; cannot write it back"
+        )
+    return values
+
+
+def _assign(path: Path, layer: str, datasets: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Overwrite a layer's datasets in place with ``arrays`` (same shapes, the file's dtype)."""
+    for key, array in arrays.items():
+        if key not in datasets:
+            raise ModelError(
+                f"{path}: layer {layer!r} stores no {key!r} weight, so its repaired value cannot be written "
+                "back to a Keras file"
+            )
+        dataset = datasets[key]
+        if tuple(dataset.shape) != array.shape:
+            raise ModelError(
+                f"{path}: layer {layer!r} stores {key!r} as {tuple(dataset.shape)}, the network has {array.shape}"
+            )
+        dataset[...] = array.astype(dataset.dtype)
+
+
+def _patch_keras_zip(src: Path, dest: Path, values: dict[str, dict[str, np.ndarray]]) -> None:
+    """Copy a ``.keras`` archive to ``dest`` with new weights in its ``model.weights.h5``."""
+    import h5py
+
+    with zipfile.ZipFile(src) as archive:
+        entries = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    files = {info.filename: data for info, data in entries}
+    config = json.loads(files["config.json"])
+    classes = dict(_layer_classes(config))
+    buffer = io.BytesIO(files["model.weights.h5"])
+    with h5py.File(buffer, "r+") as f:
+        datasets = _zip_layer_datasets(f, config)
+        for layer, arrays in values.items():
+            _assign(src, layer, datasets(layer, classes.get(layer, "")), arrays)
+    with zipfile.ZipFile(dest, "w") as archive:
+        for info, data in entries:
+            archive.writestr(info, buffer.getvalue() if info.filename == "model.weights.h5" else data)

@@ -49,6 +49,22 @@ def model_paths(path: str | Path) -> tuple[Path, Path]:
     return p, meta
 
 
+def model_file(path: str | Path) -> Path:
+    """The model :func:`load_model` reads for ``path``.
+
+    A folder without ``model.safetensors`` but with exactly one ``model.<suffix>`` of another
+    format (``deepdot mitigate`` writes the repaired model so when the input was, say, ONNX)
+    stands for that file; any other path stands for itself.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "model.safetensors").exists():
+        found = [p / f"model{s}" for s in (*KERAS_SUFFIXES, *ONNX_SUFFIXES, *TORCH_SUFFIXES)]
+        found = [f for f in found if f.is_file()]
+        if len(found) == 1:
+            return found[0]
+    return p
+
+
 def save_model(classifier: Classifier, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``model.json``; ``path`` is a folder or a ``.safetensors`` file.
 
@@ -84,7 +100,8 @@ def load_model(
     The format follows the suffix:
 
     * a folder, ``.safetensors`` or ``.json``: deepdot's own format (:func:`save_model`); a
-      ``.safetensors`` file without ``model.json`` needs ``arch``;
+      ``.safetensors`` file without ``model.json`` needs ``arch``; a folder holding one
+      ``model.<suffix>`` of another format instead stands for that file (:func:`model_file`);
     * ``.h5``/``.hdf5``/``.keras``: a Keras full model, converted to PyTorch;
     * ``.onnx``: converted to PyTorch (needs the ``onnx`` package, ``deepdot[formats]``);
     * ``.pt``/``.pth``/``.ts``/``.torchscript``/``.bin``: a TorchScript archive, or a plain
@@ -110,7 +127,7 @@ def load_model(
         ModelError: one line naming the file and the problem (missing, corrupt or truncated,
             unsafe, unsupported layer, NaN or Inf weights, unknown architecture…).
     """
-    p = Path(path).expanduser()
+    p = model_file(path)
     suffix = p.suffix.lower()
     if p.is_dir() or suffix in ("", ".safetensors", ".json"):
         classifier = _load_deepdot(p, preprocess, arch)

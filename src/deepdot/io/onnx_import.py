@@ -108,6 +108,7 @@ def load_onnx(path: str | Path) -> ConvertedModel:
         last_conv_layer=converted.last_conv_layer,
         penultimate_layer=converted.penultimate_layer,
         metadata=metadata,
+        layer_modules=converted.layer_modules,
     )
 
 
@@ -148,6 +149,7 @@ def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
     layers: dict[str, nn.Module] = {}
     steps: list[Step] = []
     kinds: list[tuple[str, str]] = []  # (module name, op type), in order
+    layer_modules: dict[str, str] = {}  # node (by its first output) -> module name
     input_name = graph_input.name
     if channels_last:  # deepdot feeds N×C×H×W; the graph wants N×H×W×C
         input_name = "deepdot_nchw_input"
@@ -167,6 +169,7 @@ def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
         module = _convert_node(node, attrs, constants)
         name = module_name(_preferred_name(node, constants), layers, fallback=node.op_type.lower())
         layers[name] = module
+        layer_modules[node.output[0]] = name
         args = tuple(
             i
             for position, i in enumerate(node.input)
@@ -194,6 +197,7 @@ def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
         softmax_removed=softmax_removed,
         last_conv_layer=last_conv,
         penultimate_layer=penultimate,
+        layer_modules=layer_modules,
     )
 
 
@@ -453,3 +457,130 @@ class _Unsqueeze(nn.Module):
         for axis in self.axes:
             x = x.unsqueeze(axis)
         return x
+
+
+# -- writing weights back --------------------------------------------------------------------
+def write_onnx_weights(
+    network: nn.Module, source: str | Path, dest: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``network``'s weights into a copy of the ONNX file ``source`` it was converted from.
+
+    ``network`` must have the structure :func:`load_onnx` builds from ``source`` (a repaired
+    copy: the mitigations change weights, never layers). The copy keeps everything else of the
+    file: its graph, node and tensor names, input layout, final softmax and opset, so it loads
+    back with the same layer names. ``metadata`` entries are set in its ``metadata_props``.
+    Returns ``dest``.
+
+    Raises:
+        ModelError: ``source`` is unreadable, ``network`` does not match it, a repaired weight
+            has no place in the file (e.g. a bias stored as one value shared by all units), or
+            ``dest`` cannot be written.
+    """
+    import onnx
+
+    src, out = Path(source), Path(dest)
+    converted = load_onnx(src)
+    expected = {k: tuple(v.shape) for k, v in converted.network.state_dict().items()}
+    if expected != {k: tuple(v.shape) for k, v in network.state_dict().items()}:
+        raise ModelError(f"{src}: the network to write no longer has this ONNX model's layers and weight shapes")
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = {node.output[0]: node for node in model.graph.node if node.output}
+    store = _TensorStore(model.graph, onnx, src)
+    modules = dict(network.named_modules())
+    weighted = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+    covered: set[int] = set()
+    for output, name in converted.layer_modules.items():
+        leaves = [m for m in modules[name].modules() if isinstance(m, weighted)]
+        if not leaves:
+            continue
+        if len(leaves) > 1:
+            raise ModelError(f"{src}: node {output!r} became {len(leaves)} weighted modules; cannot write it back")
+        node = nodes[output]
+        for position, value in _node_weights(node, _attributes(node, onnx), leaves[0], src):
+            store.put(node.input[position], value.detach().cpu().numpy(), node.op_type)
+        covered.add(id(leaves[0]))
+    stray = [n for n, m in modules.items() if isinstance(m, weighted) and id(m) not in covered]
+    if stray:
+        raise ModelError(f"{src}: module {stray[0]!r} holds weights that belong to no ONNX node; cannot write it back")
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    props.update(metadata or {})
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        onnx.save(model, str(tmp))
+        tmp.replace(out)
+    except OSError as exc:
+        raise ModelError(f"{out}: cannot write the model there ({exc.strerror or exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _node_weights(node: Any, attrs: dict[str, Any], leaf: nn.Module, path: Path) -> list[tuple[int, torch.Tensor]]:
+    """(input position, value in the node's own layout) for each weight of a converted node:
+    the inverse of :func:`_convert_node` (Gemm's ``alpha``/``beta`` and ``transB`` undone)."""
+    op = node.op_type
+    if op == "Conv" and isinstance(leaf, nn.Conv2d):
+        return [(1, leaf.weight)] + ([(2, leaf.bias)] if leaf.bias is not None else [])
+    if op == "MatMul" and isinstance(leaf, nn.Linear):
+        return [(1, leaf.weight.T)]
+    if op == "Gemm" and isinstance(leaf, nn.Linear):
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        if alpha == 0 or (leaf.bias is not None and beta == 0):
+            raise ModelError(f"{path}: Gemm node {node.name!r} scales by zero; its weights cannot be written back")
+        weight = leaf.weight / alpha
+        values = [(1, weight if attrs.get("transB", 0) else weight.T)]
+        return values + ([(2, leaf.bias / beta)] if leaf.bias is not None else [])
+    if op == "BatchNormalization" and isinstance(leaf, nn.modules.batchnorm._BatchNorm):
+        assert leaf.running_mean is not None and leaf.running_var is not None  # built with running statistics
+        return [(1, leaf.weight), (2, leaf.bias), (3, leaf.running_mean), (4, leaf.running_var)]
+    raise ModelError(f"{path}: cannot write the weights of {op} node {node.name!r} back")
+
+
+class _TensorStore:
+    """The graph's constant tensors (initializers, ``Constant`` nodes), by name, for overwriting in
+    place. A weight that is an ``Identity`` alias of another (exporters merge equal tensors, e.g.
+    a fresh batch norm's scale and variance) gets a tensor of its own: the two may now differ."""
+
+    def __init__(self, graph: Any, onnx: Any, path: Path) -> None:
+        self.graph, self.onnx, self.path = graph, onnx, path
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+        self.aliases = {n.output[0]: n for n in graph.node if n.op_type == "Identity" and n.input and n.output}
+        self.written: dict[str, np.ndarray] = {}
+
+    def put(self, name: str, value: np.ndarray, op: str) -> None:
+        """Store ``value`` as the tensor ``name`` (same shape, or same size reshaped; same dtype)."""
+        proto = self._tensor(name, op, set())
+        shape = tuple(int(d) for d in proto.dims)
+        if int(np.prod(shape)) != value.size:
+            raise ModelError(
+                f"{self.path}: weight {name!r} is stored as {shape}, too small for the {value.size} repaired values"
+            )
+        array = value.reshape(shape).astype(self.onnx.helper.tensor_dtype_to_np_dtype(proto.data_type))
+        if name in self.written:
+            if not np.array_equal(self.written[name], array):
+                raise ModelError(f"{self.path}: weight {name!r} is shared by several nodes that now differ")
+            return
+        self.written[name] = array
+        proto.CopyFrom(self.onnx.numpy_helper.from_array(array, proto.name))
+
+    def _tensor(self, name: str, op: str, seen: set[str]) -> Any:
+        """The TensorProto holding ``name``; an alias is turned into an initializer of its own."""
+        if name in self.initializers:
+            return self.initializers[name]
+        if name in self.constants:
+            for attr in self.constants[name].attribute:
+                if attr.name == "value":
+                    return attr.t
+        elif name in self.aliases and name not in seen:
+            source = self._tensor(self.aliases[name].input[0], op, seen | {name})
+            self.graph.node.remove(self.aliases.pop(name))
+            own = self.graph.initializer.add()
+            own.CopyFrom(source)
+            own.name = name
+            self.initializers[name] = own
+            return own
+        raise ModelError(f"{self.path}: weight {name!r} of an {op} node is not a stored tensor it can be written to")

@@ -1,0 +1,262 @@
+"""Writing a model back in the format it was read from (the repaired model of ``deepdot mitigate``).
+
+=====================================  ===========================================================
+model read from                        written to the output folder
+=====================================  ===========================================================
+folder, ``.safetensors``, ``.json``    ``model.safetensors`` + ``model.json`` (:func:`save_model`)
+``.h5`` / ``.hdf5`` / ``.keras``       ``model.<suffix>``: a copy of the input file holding the
+``.onnx``                              new weights (same layers and names, so the written model
+                                       loads back with the same layer names; same final softmax
+                                       and input layout)
+TorchScript ``.pt`` …                  ``model.<suffix>``, TorchScript, metadata embedded
+``state_dict`` ``.pt`` …               ``model.<suffix>``, a ``state_dict`` (read with ``weights_only``)
+pickled module (``allow_pickle``)      ``model.pt`` as TorchScript: never a pickle
+=====================================  ===========================================================
+
+Beside a file of another format than deepdot's own, ``model.json`` is the sidecar
+:func:`~deepdot.io.models.load_model` reads: the preprocessing and input shape (and, for a
+``state_dict``, the architecture), so the written model loads back as it was used, without
+``--preprocess`` or ``--arch``.
+
+:func:`check_save_as` decides the format and tries it on the model before any long work (a trial
+write into a temporary folder, loaded back and compared); :func:`save_model_as` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepdot.errors import DeepdotError, ModelError
+from deepdot.io.models import (
+    KERAS_SUFFIXES,
+    ONNX_SUFFIXES,
+    TORCH_SUFFIXES,
+    _first_line,
+    _is_torchscript,
+    load_model,
+    model_file,
+    save_model,
+)
+from deepdot.models import Classifier
+
+#: What :func:`save_model_as` can write.
+SAVE_KINDS = ("deepdot", "keras", "onnx", "torchscript", "state_dict")
+
+_KIND_NAMES = {
+    "deepdot": "safetensors + model.json",
+    "keras": "Keras",
+    "onnx": "ONNX",
+    "torchscript": "TorchScript",
+    "state_dict": "a PyTorch state_dict",
+}
+
+
+@dataclass(frozen=True)
+class SaveFormat:
+    """How a model is written.
+
+    Attributes:
+        kind: one of :data:`SAVE_KINDS`.
+        suffix: of the model file, ``model<suffix>`` in the output folder.
+        note: one line for the user when this is not the input's format (else empty).
+    """
+
+    kind: str
+    suffix: str
+    note: str = ""
+
+    def file(self, out: str | Path) -> Path:
+        """The model file written to the folder ``out``."""
+        return Path(out).expanduser() / f"model{self.suffix}"
+
+
+def save_format(classifier: Classifier, source: str | Path) -> SaveFormat:
+    """The format of the model file ``source`` that ``classifier`` was loaded from (no trial).
+
+    Raises:
+        ModelError: ``source`` is no format deepdot reads.
+    """
+    p = model_file(source)
+    suffix = p.suffix.lower()
+    if p.is_dir() or suffix in ("", ".safetensors", ".json"):
+        return SaveFormat("deepdot", ".safetensors")
+    if suffix in KERAS_SUFFIXES:
+        return SaveFormat("keras", suffix)
+    if suffix in ONNX_SUFFIXES:
+        return SaveFormat("onnx", suffix)
+    if suffix in TORCH_SUFFIXES:
+        if p.is_file() and _is_torchscript(p):
+            return SaveFormat("torchscript", suffix)
+        if classifier.architecture is not None:
+            return SaveFormat("state_dict", suffix)
+        return SaveFormat(
+            "torchscript",
+            ".pt",
+            f"{p} holds a pickled model: the repaired one is written as TorchScript (model.pt), "
+            "which loads without --allow-pickle",
+        )
+    raise ModelError(f"{p}: unsupported model format {p.suffix!r}; cannot write a model in it")
+
+
+def check_save_as(classifier: Classifier, source: str | Path) -> SaveFormat:
+    """The format :func:`save_model_as` will write ``classifier`` in, checked now.
+
+    Call it before a long computation: a trial write of ``classifier`` in the input's format,
+    loaded back and compared with it on random images, shows the format can hold the model. If
+    it cannot, a built-in architecture falls back to deepdot's own format (the returned format's
+    ``note`` says so).
+
+    Raises:
+        ModelError: the model can be written neither in its own format nor in deepdot's.
+    """
+    fmt = save_format(classifier, source)
+    if fmt.kind == "deepdot":
+        return fmt
+    try:
+        _trial(classifier, source, fmt)
+    except Exception as exc:  # noqa: BLE001 - exporters fail in many ways; all mean "not in this format"
+        reason = str(exc) if isinstance(exc, DeepdotError) else _first_line(exc)
+        reason = reason.removeprefix(f"{model_file(source)}: ")
+        what = f"the repaired model cannot be written as {_KIND_NAMES[fmt.kind]} ({reason})"
+        if classifier.architecture is None:
+            raise ModelError(f"{model_file(source)}: {what}; nothing was changed") from exc
+        return SaveFormat("deepdot", ".safetensors", f"{what}: writing model.safetensors + model.json instead")
+    return fmt
+
+
+def _trial(classifier: Classifier, source: str | Path, fmt: SaveFormat) -> None:
+    """Write ``classifier`` as ``fmt`` into a temporary folder and check that it loads back the same."""
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        probe = torch.rand(4, *classifier.input_shape, generator=torch.Generator().manual_seed(0))
+        with tempfile.TemporaryDirectory(prefix="deepdot-save-") as tmp:
+            try:
+                save_model_as(classifier, source, tmp, fmt=replace(fmt, note=""))
+                reloaded = load_model(fmt.file(tmp))
+            except DeepdotError as exc:  # name no temporary file in the message
+                raise ModelError(str(exc).replace(f"{Path(tmp).expanduser()}/", "")) from exc
+            with torch.no_grad():
+                expected = classifier(probe.to(classifier.device)).cpu()
+                got = reloaded(probe)
+    finally:
+        classifier.train(was_training)
+    if got.shape != expected.shape:
+        raise ModelError(f"it loads back with output {tuple(got.shape)} instead of {tuple(expected.shape)}")
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((got - expected).abs().max())
+    if not diff <= 1e-3 * scale:
+        raise ModelError(f"it loads back with outputs off by up to {diff:.3g}")
+
+
+def save_model_as(
+    classifier: Classifier, source: str | Path, out: str | Path, *, fmt: SaveFormat | None = None
+) -> list[Path]:
+    """Write ``classifier`` to the folder ``out`` in the format of ``source``, the model it was
+    loaded from (see the module's table); returns the paths written, the model file first.
+
+    Args:
+        classifier: the model to write (e.g. a repaired copy of the one loaded from ``source``).
+        source: the model file or folder ``classifier`` was loaded from.
+        out: the output folder (created if needed).
+        fmt: the format, as decided by :func:`check_save_as` (default: ``source``'s, untried).
+
+    Raises:
+        ModelError: one line naming the file and the problem.
+    """
+    fmt = fmt or save_format(classifier, source)
+    folder = Path(out).expanduser()
+    _check_unhooked(classifier.network, fmt.file(folder))
+    if fmt.kind == "deepdot":
+        weights = save_model(classifier, folder)
+        return [weights, weights.with_suffix(".json")]
+    path = fmt.file(folder)
+    meta: dict[str, Any] = {"input_shape": list(classifier.input_shape), "preprocess": classifier.preprocess}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if fmt.kind == "keras":
+            from deepdot.io.keras_h5 import write_keras_weights
+
+            write_keras_weights(classifier.network, model_file(source), path)
+        elif fmt.kind == "onnx":
+            _write_onnx(classifier, model_file(source), path)
+        elif fmt.kind == "torchscript":
+            meta["output_kind"] = classifier.output_kind
+            _write_torchscript(classifier, path, meta)
+        elif fmt.kind == "state_dict":
+            meta = {"architecture": classifier.architecture, **meta}
+            state = {k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()}
+            with _replacing(path) as tmp:
+                torch.save(state, tmp)
+        else:
+            raise ModelError(f"{path}: unknown model format {fmt.kind!r}; deepdot writes {', '.join(SAVE_KINDS)}")
+        side = path.with_suffix(".json")
+        side.write_text(json.dumps(meta, indent=2) + "\n")
+    except DeepdotError:
+        raise
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write the model there ({exc.strerror or exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.onnx / torch.jit raise many types; report one line
+        raise ModelError(f"{path}: cannot write the model as {_KIND_NAMES[fmt.kind]} ({_first_line(exc)})") from exc
+    return [path, side]
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it once written (never half a file)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_onnx(classifier: Classifier, source: Path, path: Path) -> None:
+    """A copy of the ONNX input file holding the new weights; preprocessing in its metadata too."""
+    from deepdot.io.onnx_import import write_onnx_weights
+
+    preprocess = classifier.preprocess
+    metadata = {
+        "preprocess": preprocess if isinstance(preprocess, str) else json.dumps(preprocess),
+        "input_shape": json.dumps(list(classifier.input_shape)),
+    }
+    write_onnx_weights(classifier.network, source, path, metadata)
+
+
+def _write_torchscript(classifier: Classifier, path: Path, meta: dict[str, Any]) -> None:
+    """TorchScript with ``meta`` embedded as ``model.json``; a network that is not TorchScript
+    already is scripted, or traced where scripting fails."""
+    network = classifier.network.eval()
+    module: torch.jit.ScriptModule
+    if isinstance(network, torch.jit.ScriptModule):
+        module = network
+    else:
+        try:
+            module = torch.jit.script(network)
+        except Exception:  # noqa: BLE001 - scripting rejects much Python; tracing is the fallback
+            example = torch.zeros(1, *classifier.input_shape, device=classifier.device)
+            with torch.no_grad():
+                module = torch.jit.trace(network, example)
+    with _replacing(path) as tmp:
+        torch.jit.save(module, str(tmp), _extra_files={"model.json": json.dumps(meta)})
+
+
+def _check_unhooked(network: nn.Module, path: Path) -> None:
+    """Refuse a network with forward hooks: what they do (e.g. switching units off) is in no file.
+
+    The mitigations bake their changes into the weights and remove their hooks; loaded models
+    have none. This guards that assumption, so a written model always carries the repair.
+    """
+    hooked = [name or "the network" for name, m in network.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        raise ModelError(f"{path}: layer {hooked[0]!r} has a forward hook, whose effect no model file can hold")
