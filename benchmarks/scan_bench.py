@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from datetime import date
@@ -28,6 +29,7 @@ from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # 
 from deepdot.io.models import load_model  # noqa: E402
 from deepdot.report.artifacts import Checkpoint, file_digest, write_scan  # noqa: E402
 from deepdot.scan import FastNeuralCleanse, NeuralCleanse  # noqa: E402
+from deepdot.scan.base import frozen_weights  # noqa: E402
 from deepdot.triggers import mask_iou  # noqa: E402
 from zoo import REPLICAS, splits  # noqa: E402
 
@@ -43,18 +45,41 @@ def scanners(args: argparse.Namespace) -> dict:
     }
 
 
-def throughput(model, shape, batch: int, repeats: int = 3) -> float:
-    """Plain forward+backward images per second (gradient w.r.t. the input, weights frozen)."""
+def throughput(model, shape, batch: int, seconds: float = 3.0) -> float:
+    """Plain forward+backward images per second (gradient w.r.t. the input, weights frozen),
+    measured for at least ``seconds`` after one warm-up pass."""
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.rand(batch, *shape, requires_grad=True)
     target = torch.zeros(batch, dtype=torch.long)
     torch.nn.functional.cross_entropy(model(x), target).backward()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
+    start, images = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
         x.grad = None
         torch.nn.functional.cross_entropy(model(x), target).backward()
-    return batch * repeats / (time.perf_counter() - start)
+        images += batch
+    return images / (time.perf_counter() - start)
+
+
+def run_workers(argv: list[str], name: str, workers: int) -> None:
+    """Run this script's faithful scan of ``name`` in ``workers`` one-thread processes, each on
+    every ``workers``-th label, all writing to the same per-label checkpoint."""
+    base, skip = [], False
+    for a in argv:  # drop --workers N / --workers=N
+        if skip or a.startswith("--workers"):
+            skip = a == "--workers" and not skip
+            continue
+        base.append(a)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, *base, "--models", name, "--modes", "faithful", "--worker", f"{i}/{workers}"],
+            env=env,
+        )
+        for i in range(workers)
+    ]
+    if any(proc.wait() != 0 for proc in procs):
+        raise SystemExit(f"a faithful scan worker for {name} failed")
 
 
 def scan_data(replica: str):
@@ -72,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faithful-samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("~/.cache/deepdot/bench").expanduser())
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="faithful scans: run labels in this many processes of one thread each (labels are independent; "
+        "the scan's seconds stay the sum of the labels' own times, i.e. one core's worth)",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # "i/n": internal, one share of the labels
     args = parser.parse_args(argv)
 
     names = args.models or sorted(p.name for p in args.zoo.iterdir() if (p / "model.safetensors").exists())
@@ -106,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             done = checkpoint.load()
             checkpoint.start()
+            if args.worker:  # one share of a faithful scan's labels, into the shared checkpoint
+                i, n = map(int, args.worker.split("/"))
+                share = [v for v in range(model.num_classes) if v % n == i and v not in done]
+                with frozen_weights(model):
+                    for label in share:
+                        checkpoint.save(scanner.reverse_engineer(model, data.x, label))
+                continue
+            if mode == "faithful" and args.workers > 1:
+                run_workers(argv or sys.argv[1:], name, args.workers)
+                done = checkpoint.load()
             print(f"{name}: {mode} scan ({len(done)} labels from checkpoint)", flush=True)
             result = scanner.scan(
                 model, data, suspected=[truth] if truth is not None else (), done=done, on_label=checkpoint.save
@@ -125,9 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                 entry["target_iou"] = mask_iou(recovered.mask, planted.mask)
             row[mode] = entry
             print(f"  {json.dumps(entry)}", flush=True)
+        if args.worker:
+            continue
         if "fast" in row:
-            batch = FastNeuralCleanse().batch_size * model.num_classes
-            row["plain_images_per_second"] = throughput(model, model.input_shape, min(batch, 2048))
+            # at the size of the fast scan's own forward/backward passes
+            images, _, labels_per_pass = FastNeuralCleanse().plan(model.num_classes)
+            row["pass_images"] = images * min(labels_per_pass, model.num_classes)
+            row["plain_images_per_second"] = throughput(model, model.input_shape, row["pass_images"])
             row["fast_images_per_second"] = row["fast"]["image_passes"] / row["fast"]["seconds"]
         if "fast" in row and "faithful" in row:
             row["passes_ratio"] = row["faithful"]["image_passes"] / row["fast"]["image_passes"]
