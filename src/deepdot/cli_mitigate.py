@@ -193,18 +193,25 @@ def mitigate_command(
         ImageData(d.x, d.y, classifier.num_classes, d.name, d.groups)
         for d in (_fit(repair, classifier), _fit(held_out, classifier))
     )
+    requested = AUTO_METHODS if method is Method.auto else (method.value,)
+    algos = runnable_mitigations(
+        model,
+        classifier,
+        repair,
+        {name: make_mitigation(name, layer=layer, fpr=fpr, epochs=epochs, lr=lr, seed=seed) for name in requested},
+        skip=method is Method.auto,
+    )
+    names = tuple(algos)
     before = measure(classifier, held_out, backdoors, planted)
     console.print(
         f"mitigating label(s) {', '.join(map(str, mitigated))} of {model} with {method.value}: "
         f"{len(repair)} clean images for repair, {len(held_out)} held out for measuring"
     )
-    names = AUTO_METHODS if method is Method.auto else (method.value,)
     results: dict[str, Any] = {}
     figures: dict[str, Any] = {}
     filter_figures = None
     with _bars() as bars:
-        for name in names:
-            algo = make_mitigation(name, layer=layer, fpr=fpr, epochs=epochs, lr=lr, seed=seed)
+        for name, algo in algos.items():
             results[name] = algo.apply(classifier, backdoors, repair, progress=bars)
             if name == "filter":
                 filter_figures = measure_filter(classifier, results[name].input_filter, held_out, backdoors, planted)
@@ -247,6 +254,31 @@ def mitigate_command(
     paths.append(write_json(out / "mitigation.json", summary))
     _print_mitigation(summary)
     _report_written(paths)
+
+
+def runnable_mitigations(
+    model: Path, classifier: Any, repair: Any, algos: dict[str, Any], *, skip: bool
+) -> dict[str, Any]:
+    """The mitigations of ``algos`` that can run on ``classifier``, checked before any long work
+    (e.g. pruning needs a layer it can hook and bake into the weights). With ``skip`` (``auto``)
+    the others are left out with a note; otherwise, or when none can run, the first problem is
+    an error naming the model file."""
+    runnable: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for name, algo in algos.items():
+        try:
+            algo.check(classifier, repair)
+        except DeepdotError as exc:
+            if not skip:
+                raise DeepdotError(f"{model}: {exc}") from exc
+            problems[name] = str(exc)
+        else:
+            runnable[name] = algo
+    if not runnable:
+        raise DeepdotError(f"{model}: no mitigation can run on this model ({next(iter(problems.values()))})")
+    for name, problem in problems.items():
+        console.print(f"skipping {name}: {problem}", soft_wrap=True)
+    return runnable
 
 
 def _fit(data: Any, classifier: Any) -> Any:
@@ -307,6 +339,8 @@ def filter_command(
 
     Exit code 0: no input flagged; 1: some inputs flagged as carrying a trigger; 2: usage or input error.
     """
+    import torch
+
     from deepdot.io.files import ensure_dir, read_json, write_json
     from deepdot.mitigate import TriggerFilter
 
@@ -318,6 +352,11 @@ def filter_command(
     model_path = model or path.parent / str(info.get("model", "model.safetensors"))
     ensure_dir(out)
     classifier = _load_model(model_path, preprocess, arch, allow_pickle)
+    if isinstance(classifier.network, torch.jit.ScriptModule):
+        raise DeepdotError(
+            f"{model_path}: a filter reads layer {flt.layer!r} through a forward hook, which TorchScript models "
+            "do not take; give the model as ONNX, Keras, safetensors or a state_dict"
+        )
     images = _load_data_for(data, "test", classifier)
     scores = flt.score(classifier, images.x)
     flagged = scores > flt.threshold

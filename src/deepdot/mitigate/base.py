@@ -8,6 +8,7 @@ IEEE S&P 2019, Sec. VI): nothing here ever touches poisoned training data.
 from __future__ import annotations
 
 import copy
+import io
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -104,12 +105,33 @@ def triggered_images(data: ImageData, backdoor: RecoveredBackdoor) -> torch.Tens
     return backdoor.trigger.apply(data.x[keep])
 
 
+def copy_classifier(classifier: Classifier) -> Classifier:
+    """A deep copy of ``classifier`` whose weights can be trained.
+
+    ``copy.deepcopy`` of a TorchScript module gives parameters that are not leaves of the autograd
+    graph (an optimizer refuses them), so TorchScript parts are copied by saving and loading them.
+    """
+    memo: dict[int, Any] = {}
+    scripted: set[str] = set()
+    for name, module in classifier.named_modules():
+        if not isinstance(module, torch.jit.ScriptModule) or any(name.startswith(f"{s}.") for s in scripted):
+            continue
+        scripted.add(name)
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        memo[id(module)] = torch.jit.load(buffer, map_location=device)
+    return copy.deepcopy(classifier, memo)
+
+
 class Mitigation(ABC):
     """Base of every mitigation: settings live on the (frozen, keyword-only) dataclass, the model,
     the recovered backdoor and the clean data come with :meth:`apply`.
 
-    Subclasses implement :meth:`_run`; :meth:`apply` validates the inputs, deep-copies the
-    classifier (the caller's model is never changed) and times the run.
+    Subclasses implement :meth:`_run` (and :meth:`check` where a model may not suit them);
+    :meth:`apply` validates the inputs, deep-copies the classifier (the caller's model is never
+    changed) and times the run.
     """
 
     #: the name used by ``deepdot mitigate --method`` and in ``mitigation.json``
@@ -142,7 +164,8 @@ class Mitigation(ABC):
                 raise MitigationError(f"the trigger for label {b.target} does not fit {clean_data.image_shape} images")
             if not 0 <= b.target < classifier.num_classes:
                 raise MitigationError(f"label {b.target} is outside the model's 0..{classifier.num_classes - 1}")
-        model = copy.deepcopy(classifier)
+        self.check(classifier, clean_data)
+        model = copy_classifier(classifier)
         model.eval()
         start = time.perf_counter()
         result = self._run(model, backdoors, clean_data, progress)
@@ -153,6 +176,12 @@ class Mitigation(ABC):
             settings=self.settings(),
             seconds=time.perf_counter() - start,
         )
+
+    def check(self, classifier: Classifier, clean_data: ImageData) -> None:
+        """Raise :class:`MitigationError` now if this mitigation cannot run on ``classifier`` (e.g.
+        its layers cannot be hooked, or a pruning cannot be baked into its weights): a quick test,
+        made before any long work. :meth:`apply` makes it too. Nothing to check by default."""
+        return None
 
     @abstractmethod
     def _run(

@@ -106,9 +106,13 @@ class InputFilter(Mitigation):
         if not 0 < self.false_positive_rate < 1:
             raise MitigationError(f"false_positive_rate must be in (0, 1), got {self.false_positive_rate}")
 
+    def check(self, classifier: Classifier, clean_data: ImageData) -> None:
+        """The layer resolves and can be hooked (not TorchScript)."""
+        resolve_layer(classifier, self.layer, self.method)
+
     def fit(self, classifier: Classifier, backdoors: tuple[RecoveredBackdoor, ...], clean: ImageData) -> TriggerFilter:
         """Choose the neurons with the recovered triggers and calibrate the threshold on ``clean``."""
-        layer = resolve_layer(classifier, self.layer)
+        layer = resolve_layer(classifier, self.layer, self.method)
         order = rank_by_trigger(classifier, layer, backdoors, clean)
         count = min(len(order), max(self.min_neurons, math.ceil(self.top_fraction * len(order))))
         neurons = tuple(int(n) for n in order[:count])

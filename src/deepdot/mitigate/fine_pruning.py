@@ -16,7 +16,7 @@ import torch
 
 from deepdot.data import ImageData
 from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
-from deepdot.mitigate.layers import bake_pruning, resolve_layer, unit_activations
+from deepdot.mitigate.layers import bake_pruning, check_bakeable, resolve_layer, unit_activations
 from deepdot.mitigate.prune import fine_tune_pruned, prune_until
 from deepdot.mitigate.result import MitigationResult, PruningOutcome
 from deepdot.models import Classifier
@@ -112,6 +112,12 @@ class FinePruning(Mitigation):
             max_images=self.max_images,
         )
 
+    def check(self, classifier: Classifier, clean_data: ImageData) -> None:
+        """The layer resolves, can be hooked, and its pruning can be baked into the weights (tried
+        on a copy with half its units, on the images the search will use)."""
+        layer = resolve_layer(classifier, self.layer, self.method)
+        check_bakeable(classifier, layer, clean_data.take(self.max_images, seed=self.seed).x[:64])
+
     def _run(
         self,
         classifier: Classifier,
@@ -119,7 +125,7 @@ class FinePruning(Mitigation):
         clean_data: ImageData,
         progress: ProgressFn,
     ) -> MitigationResult:
-        layer = resolve_layer(classifier, self.layer)
+        layer = resolve_layer(classifier, self.layer, self.method)
         data = clean_data.take(self.max_images, seed=self.seed)
         # Increasing mean activation on clean inputs: dormant channels first.
         order = torch.argsort(unit_activations(classifier, data.x, layer).mean(0), stable=True)

@@ -17,7 +17,7 @@ import torch
 from deepdot.data import ImageData
 from deepdot.metrics import attack_success_rate, clean_accuracy
 from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
-from deepdot.mitigate.layers import bake_pruning, resolve_layer, units_off
+from deepdot.mitigate.layers import bake_pruning, check_bakeable, resolve_layer, units_off
 from deepdot.mitigate.ranking import rank_by_trigger
 from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
 from deepdot.models import Classifier
@@ -121,6 +121,12 @@ class NeuronPruning(Mitigation):
             max_images=self.max_images,
         )
 
+    def check(self, classifier: Classifier, clean_data: ImageData) -> None:
+        """The layer resolves, can be hooked, and its pruning can be baked into the weights (tried
+        on a copy with half its units, on the images the search will use)."""
+        layer = resolve_layer(classifier, self.layer, self.method)
+        check_bakeable(classifier, layer, clean_data.take(self.max_images, seed=self.seed).x[:64])
+
     def _run(
         self,
         classifier: Classifier,
@@ -128,7 +134,7 @@ class NeuronPruning(Mitigation):
         clean_data: ImageData,
         progress: ProgressFn,
     ) -> MitigationResult:
-        layer = resolve_layer(classifier, self.layer)
+        layer = resolve_layer(classifier, self.layer, self.method)
         data = clean_data.take(self.max_images, seed=self.seed)
         order = rank_by_trigger(classifier, layer, backdoors, data)
         units = len(order)
