@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         write_json(args.work / f"{name}.json", row)
 
+    if args.worker:
+        return 0
     print(f"\nscan benchmark, {date.today()}, {torch.get_num_threads()} threads")
     head = (
         "| model | planted | "
