@@ -75,3 +75,16 @@ def saved_models(tmp_path_factory, clean_digits, badnets_digits, digits_trigger)
     save_model(badnets_digits[0], root / "badnets")
     save_trigger(digits_trigger, root / "badnets" / "trigger.npz")
     return {"clean": root / "clean", "badnets": root / "badnets"}
+
+
+@pytest.fixture(scope="session")
+def planted_scan_dir(tmp_path_factory, digits_trigger):
+    """A scan folder as ``deepdot scan`` writes it, flagging the planted target, whose recovered
+    trigger is the planted one (for mitigation tests that must not depend on a scan's result)."""
+    from deepdot.io.files import save_png, write_json
+
+    out = tmp_path_factory.mktemp("scan")
+    write_json(out / "scan.json", {"infected": True, "flagged": [DIGITS_TARGET]})
+    save_png(out / f"label_{DIGITS_TARGET}_mask.png", digits_trigger.mask)
+    save_png(out / f"label_{DIGITS_TARGET}_pattern.png", digits_trigger.pattern)
+    return out

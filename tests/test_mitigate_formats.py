@@ -19,11 +19,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import DIGITS_TARGET
 from deepdot.cli import app
 from deepdot.cli_mitigate import load_recovered, make_mitigation
 from deepdot.errors import ModelError
-from deepdot.io.files import save_png, write_json
 from deepdot.io.models import load_model
 from deepdot.io.save_as import check_save_as, save_model_as
 from deepdot.mitigate import measure
@@ -34,13 +32,8 @@ PARITY = 1e-4
 
 
 @pytest.fixture(scope="module")
-def scan_dir(tmp_path_factory, digits_trigger):
-    """A scan folder as ``deepdot scan`` writes it, flagging the planted target."""
-    out = tmp_path_factory.mktemp("scan")
-    write_json(out / "scan.json", {"infected": True, "flagged": [DIGITS_TARGET]})
-    save_png(out / f"label_{DIGITS_TARGET}_mask.png", digits_trigger.mask)
-    save_png(out / f"label_{DIGITS_TARGET}_pattern.png", digits_trigger.pattern)
-    return out
+def scan_dir(planted_scan_dir):
+    return planted_scan_dir
 
 
 @pytest.fixture(scope="module")

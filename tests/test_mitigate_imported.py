@@ -23,7 +23,7 @@ from conftest import DIGITS_TARGET
 from deepdot.cli import app
 from deepdot.data import ImageData
 from deepdot.io.convert import Add, ChannelsLastFlatten, GraphNetwork, Step
-from deepdot.io.files import load_trigger, save_png, save_trigger, write_json
+from deepdot.io.files import load_trigger, save_trigger, write_json
 from deepdot.io.models import load_model
 from deepdot.mitigate import MitigationError, NeuronPruning, PlantedBackdoor, RecoveredBackdoor, measure
 from deepdot.mitigate.layers import bake_pruning, units_off
@@ -35,13 +35,8 @@ PARITY = 1e-4
 
 
 @pytest.fixture(scope="module")
-def scan_dir(tmp_path_factory, digits_trigger):
-    """A scan folder as ``deepdot scan`` writes it, flagging the planted target."""
-    out = tmp_path_factory.mktemp("scan")
-    write_json(out / "scan.json", {"infected": True, "flagged": [DIGITS_TARGET]})
-    save_png(out / f"label_{DIGITS_TARGET}_mask.png", digits_trigger.mask)
-    save_png(out / f"label_{DIGITS_TARGET}_pattern.png", digits_trigger.pattern)
-    return out
+def scan_dir(planted_scan_dir):
+    return planted_scan_dir
 
 
 @pytest.fixture(scope="module")
