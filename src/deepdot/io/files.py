@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,18 @@ def ensure_dir(path: str | Path) -> Path:
     except OSError as exc:
         raise DeepdotError(f"{p}: cannot write to this output folder ({exc.strerror or exc})") from exc
     return p
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it once written (never half a file): write
+    to the path this yields; on an error the temporary file is removed and ``path`` is untouched."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:

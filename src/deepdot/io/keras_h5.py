@@ -43,6 +43,7 @@ from deepdot.io.convert import (
     chain,
     module_name,
 )
+from deepdot.io.files import replacing
 
 SUPPORTED_LAYERS = (
     "InputLayer",
@@ -610,23 +611,20 @@ def write_keras_weights(network: nn.Module, source: str | Path, dest: str | Path
     if expected != got:
         raise ModelError(f"{src}: the network to write no longer has this Keras model's layers and weight shapes")
     values = _keras_values(network, converted.layer_modules, src)
-    tmp = out.with_name(f".{out.name}.partial")
     try:
-        if zipfile.is_zipfile(src):
-            _patch_keras_zip(src, tmp, values)
-        else:
-            import h5py
+        with replacing(out) as tmp:
+            if zipfile.is_zipfile(src):
+                _patch_keras_zip(src, tmp, values)
+            else:
+                import h5py
 
-            shutil.copyfile(src, tmp)
-            with h5py.File(tmp, "r+") as f:
-                root = f["model_weights"] if "model_weights" in f else f
-                for layer, arrays in values.items():
-                    _assign(src, layer, _h5_layer_datasets(root, layer), arrays)
-        tmp.replace(out)
+                shutil.copyfile(src, tmp)
+                with h5py.File(tmp, "r+") as f:
+                    root = f["model_weights"] if "model_weights" in f else f
+                    for layer, arrays in values.items():
+                        _assign(src, layer, _h5_layer_datasets(root, layer), arrays)
     except OSError as exc:
         raise ModelError(f"{out}: cannot write the model there ({exc.strerror or exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

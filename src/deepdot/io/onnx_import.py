@@ -35,6 +35,7 @@ from deepdot.io.convert import (
     chain,
     module_name,
 )
+from deepdot.io.files import replacing
 
 SUPPORTED_OPS = (
     "Conv",
@@ -507,14 +508,11 @@ def write_onnx_weights(
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
-    tmp = out.with_name(f".{out.name}.partial")
     try:
-        onnx.save(model, str(tmp))
-        tmp.replace(out)
+        with replacing(out) as tmp:
+            onnx.save(model, str(tmp))
     except OSError as exc:
         raise ModelError(f"{out}: cannot write the model there ({exc.strerror or exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

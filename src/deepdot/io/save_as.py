@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 
 from deepdot.errors import DeepdotError, ModelError
+from deepdot.io.files import replacing
 from deepdot.io.models import (
     KERAS_SUFFIXES,
     ONNX_SUFFIXES,
@@ -195,7 +194,7 @@ def save_model_as(
         elif fmt.kind == "state_dict":
             meta = {"architecture": classifier.architecture, **meta}
             state = {k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()}
-            with _replacing(path) as tmp:
+            with replacing(path) as tmp:
                 torch.save(state, tmp)
         else:
             raise ModelError(f"{path}: unknown model format {fmt.kind!r}; deepdot writes {', '.join(SAVE_KINDS)}")
@@ -208,17 +207,6 @@ def save_model_as(
     except Exception as exc:  # noqa: BLE001 - torch.onnx / torch.jit raise many types; report one line
         raise ModelError(f"{path}: cannot write the model as {_KIND_NAMES[fmt.kind]} ({_first_line(exc)})") from exc
     return [path, side]
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it once written (never half a file)."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        yield tmp
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_onnx(classifier: Classifier, source: Path, path: Path) -> None:
@@ -247,7 +235,7 @@ def _write_torchscript(classifier: Classifier, path: Path, meta: dict[str, Any])
             example = torch.zeros(1, *classifier.input_shape, device=classifier.device)
             with torch.no_grad():
                 module = torch.jit.trace(network, example)
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         torch.jit.save(module, str(tmp), _extra_files={"model.json": json.dumps(meta)})
 
 
