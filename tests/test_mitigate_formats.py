@@ -32,11 +32,6 @@ PARITY = 1e-4
 
 
 @pytest.fixture(scope="module")
-def scan_dir(planted_scan_dir):
-    return planted_scan_dir
-
-
-@pytest.fixture(scope="module")
 def repair_data(tmp_path_factory, digits_train):
     """300 clean training images as an .npz file (``--data``)."""
     path = tmp_path_factory.mktemp("data") / "repair.npz"
@@ -71,22 +66,22 @@ def images(digits_test):
     return digits_test.x[:200]
 
 
-def _mitigate(source, scan_dir, data, out, *args):
+def _mitigate(source, planted_scan_dir, data, out, *args):
     """``deepdot mitigate`` as a user runs it; returns the result and mitigation.json."""
     data_args = ["--data", str(data), "--test-data", "digits:test"]
     result = CliRunner().invoke(
-        app, ["mitigate", str(source), "--scan", str(scan_dir), *data_args, "--out", str(out), *map(str, args)]
+        app, ["mitigate", str(source), "--scan", str(planted_scan_dir), *data_args, "--out", str(out), *map(str, args)]
     )
     assert result.exit_code == 0, result.output
     return result, json.loads((out / "mitigation.json").read_text())
 
 
-def _repaired_in_memory(source, scan_dir, data, method, *, preprocess=None, **settings):
+def _repaired_in_memory(source, planted_scan_dir, data, method, *, preprocess=None, **settings):
     """What the CLI computes for ``--method method``, repeated through the API (same seed, data)."""
     from deepdot.io import load_data
 
     classifier = load_model(source, preprocess=preprocess)
-    _, backdoors = load_recovered(scan_dir, classifier.input_shape, None)
+    _, backdoors = load_recovered(planted_scan_dir, classifier.input_shape, None)
     algo = make_mitigation(
         method, layer=settings.get("layer"), fpr=0.05, epochs=settings.get("epochs"), lr=None, seed=0
     )
@@ -98,12 +93,12 @@ def _logits(model, x):
         return model(x)
 
 
-def test_mitigate_onnx_writes_onnx(onnx_model, scan_dir, repair_data, tmp_path, images, digits_test):
+def test_mitigate_onnx_writes_onnx(onnx_model, planted_scan_dir, repair_data, tmp_path, images, digits_test):
     import onnx
 
     out = tmp_path / "fixed"
     args = ("--method", "prune", "--layer", "penultimate")
-    result, summary = _mitigate(onnx_model, scan_dir, repair_data, out, *args)
+    result, summary = _mitigate(onnx_model, planted_scan_dir, repair_data, out, *args)
     assert summary["method"] == "prune" and summary["details"]["pruning"]["pruned"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["mitigation.json", "model.json", "model.onnx"]
     assert "model.onnx" in result.output
@@ -115,7 +110,7 @@ def test_mitigate_onnx_writes_onnx(onnx_model, scan_dir, repair_data, tmp_path, 
     written = load_model(out / "model.onnx")  # no flags: preprocessing and shape come with the file
     assert written.preprocess == "unit" and written.input_shape == (1, 16, 16) and written.output_kind == "logits"
     assert written.layer_names() == load_model(onnx_model).layer_names()  # --layer names, filter.json stay valid
-    repaired, backdoors = _repaired_in_memory(onnx_model, scan_dir, repair_data, "prune", layer="penultimate")
+    repaired, backdoors = _repaired_in_memory(onnx_model, planted_scan_dir, repair_data, "prune", layer="penultimate")
     assert (_logits(written, images) - _logits(repaired, images)).abs().max() < PARITY
     assert (_logits(written, images) - _logits(load_model(onnx_model), images)).abs().max() > 0.1  # it changed
     # The file carries the repair: it measures exactly as the CLI measured the in-memory model.
@@ -125,19 +120,19 @@ def test_mitigate_onnx_writes_onnx(onnx_model, scan_dir, repair_data, tmp_path, 
     assert after.attack_success_rate < summary["before"]["attack_success_rate"]
 
 
-def test_filter_of_an_onnx_model_screens_with_it(onnx_model, scan_dir, repair_data, tmp_path):
+def test_filter_of_an_onnx_model_screens_with_it(onnx_model, planted_scan_dir, repair_data, tmp_path):
     out = tmp_path / "filter"
-    _mitigate(onnx_model, scan_dir, repair_data, out, "--method", "filter")
+    _mitigate(onnx_model, planted_scan_dir, repair_data, out, "--method", "filter")
     assert json.loads((out / "filter.json").read_text())["model"] == "model.onnx"
     res = CliRunner().invoke(app, ["filter", str(out), "--data", "digits:test", "--out", str(tmp_path / "screened")])
     assert res.exit_code in (0, 1), res.output
     assert json.loads((tmp_path / "screened" / "filtered.json").read_text())["model"].endswith("model.onnx")
 
 
-def test_mitigate_keras_writes_keras(keras_model, scan_dir, repair_data, tmp_path, images, digits_test):
+def test_mitigate_keras_writes_keras(keras_model, planted_scan_dir, repair_data, tmp_path, images, digits_test):
     out = tmp_path / "fixed"
     args = ("--method", "unlearn", "--epochs", "1", "--preprocess", "raw")
-    _, summary = _mitigate(keras_model, scan_dir, repair_data, out, *args)
+    _, summary = _mitigate(keras_model, planted_scan_dir, repair_data, out, *args)
     assert sorted(p.name for p in out.iterdir()) == ["mitigation.json", "model.h5", "model.json"]
     with h5py.File(out / "model.h5", "r") as f, h5py.File(keras_model, "r") as g:  # the input's layers, new weights
         assert f.attrs["model_config"] == g.attrs["model_config"]
@@ -145,7 +140,9 @@ def test_mitigate_keras_writes_keras(keras_model, scan_dir, repair_data, tmp_pat
 
     written = load_model(out / "model.h5")  # --preprocess raw is remembered beside the file
     assert written.preprocess == "raw" and written.output_kind == "probabilities" and written.softmax_removed
-    repaired, backdoors = _repaired_in_memory(keras_model, scan_dir, repair_data, "unlearn", preprocess="raw", epochs=1)
+    repaired, backdoors = _repaired_in_memory(
+        keras_model, planted_scan_dir, repair_data, "unlearn", preprocess="raw", epochs=1
+    )
     assert (_logits(written, images) - _logits(repaired, images)).abs().max() < PARITY
     after = measure(written, digits_test, backdoors)
     assert after.clean_accuracy == pytest.approx(summary["after"]["clean_accuracy"], abs=1e-9)
@@ -163,7 +160,7 @@ def test_mitigate_keras_writes_keras(keras_model, scan_dir, repair_data, tmp_pat
     assert res.exit_code == 0, res.output
 
 
-def test_unwritable_model_fails_before_mitigating(tmp_path, scan_dir):
+def test_unwritable_model_fails_before_mitigating(tmp_path, planted_scan_dir):
     """A Keras batch norm without ``scale`` has no place for a repaired gamma: refused up front."""
     keras = pytest.importorskip("keras")
     from keras import layers
@@ -182,7 +179,7 @@ def test_unwritable_model_fails_before_mitigating(tmp_path, scan_dir):
     model.save(path)
     out = tmp_path / "fixed"
     result = CliRunner().invoke(
-        app, ["mitigate", str(path), "--scan", str(scan_dir), "--method", "unlearn", "--out", str(out)]
+        app, ["mitigate", str(path), "--scan", str(planted_scan_dir), "--method", "unlearn", "--out", str(out)]
     )
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

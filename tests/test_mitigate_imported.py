@@ -35,11 +35,6 @@ PARITY = 1e-4
 
 
 @pytest.fixture(scope="module")
-def scan_dir(planted_scan_dir):
-    return planted_scan_dir
-
-
-@pytest.fixture(scope="module")
 def trigger_file(tmp_path_factory, digits_trigger):
     return save_trigger(digits_trigger, tmp_path_factory.mktemp("trigger") / "trigger.npz")
 
@@ -63,7 +58,7 @@ def imported(tmp_path_factory, badnets_digits):
     }
 
 
-def _mitigate(monkeypatch, source, scan_dir, out, *args):
+def _mitigate(monkeypatch, source, planted_scan_dir, out, *args):
     """``deepdot mitigate`` as a user runs it; returns the CLI result, mitigation.json and the
     repaired model the CLI held in memory when it wrote the file."""
     import deepdot.io.save_as as save_as
@@ -77,7 +72,7 @@ def _mitigate(monkeypatch, source, scan_dir, out, *args):
 
     monkeypatch.setattr(save_as, "save_model_as", keep)
     result = CliRunner().invoke(
-        app, ["mitigate", str(source), "--scan", str(scan_dir), "--out", str(out), *map(str, args)]
+        app, ["mitigate", str(source), "--scan", str(planted_scan_dir), "--out", str(out), *map(str, args)]
     )
     summary = json.loads((out / "mitigation.json").read_text()) if (out / "mitigation.json").exists() else None
     return result, summary, (kept[-1] if kept else None)  # the last write; the first is the format trial
@@ -99,14 +94,14 @@ def _logits(model, x):
     ],
 )
 def test_pruning_an_imported_model(
-    fmt, method, options, imported, scan_dir, trigger_file, digits_test, tmp_path, monkeypatch
+    fmt, method, options, imported, planted_scan_dir, trigger_file, digits_test, tmp_path, monkeypatch
 ):
     source, extra = imported[fmt]
     out = tmp_path / "fixed"
     planted_args = ("--trigger", trigger_file, "--target", DIGITS_TARGET)
     data_args = ("--data", "digits:train", "--test-data", "digits:test")
     result, summary, repaired = _mitigate(
-        monkeypatch, source, scan_dir, out, "--method", method, *options, *data_args, *planted_args, *extra
+        monkeypatch, source, planted_scan_dir, out, "--method", method, *options, *data_args, *planted_args, *extra
     )
     assert result.exit_code == 0, result.output
 
@@ -214,7 +209,9 @@ def test_without_a_single_producer_the_channels_last_reader_is_zeroed():
     assert (weight[..., [1, 2]] == 0).all() and (weight[..., [0, 3]] != 0).all()
 
 
-def test_a_layer_that_cannot_be_baked_is_refused_before_the_search(digits_trigger, tmp_path, scan_dir, monkeypatch):
+def test_a_layer_that_cannot_be_baked_is_refused_before_the_search(
+    digits_trigger, tmp_path, planted_scan_dir, monkeypatch
+):
     """Units behind a sigmoid that feeds another sigmoid: zero neither where they are made nor
     where they are read. Refused by the check that runs before any pruning, the model untouched."""
     onnx = pytest.importorskip("onnx")
@@ -250,7 +247,7 @@ def test_a_layer_that_cannot_be_baked_is_refused_before_the_search(digits_trigge
     gate = next(name for name in load_model(source).layer_names() if name.startswith("gate"))
     out = tmp_path / "fixed"
     result, summary, _ = _mitigate(
-        monkeypatch, source, scan_dir, out, "--method", "prune", "--layer", gate, "--data", "digits:test"
+        monkeypatch, source, planted_scan_dir, out, "--method", "prune", "--layer", gate, "--data", "digits:test"
     )
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -273,11 +270,13 @@ def torchscript_model(tmp_path_factory, badnets_digits, digits_train):
     return source, data
 
 
-def test_torchscript_unlearns_and_refuses_pruning_in_one_line(torchscript_model, scan_dir, tmp_path, monkeypatch):
+def test_torchscript_unlearns_and_refuses_pruning_in_one_line(
+    torchscript_model, planted_scan_dir, tmp_path, monkeypatch
+):
     source, data = torchscript_model
     common = ("--data", data, "--test-data", "digits:test", "--epochs", "1")
     result, summary, repaired = _mitigate(
-        monkeypatch, source, scan_dir, tmp_path / "unlearned", "--method", "unlearn", *common
+        monkeypatch, source, planted_scan_dir, tmp_path / "unlearned", "--method", "unlearn", *common
     )
     assert result.exit_code == 0, result.output
     assert summary["after"]["attack_success_rate"] < summary["before"]["attack_success_rate"]
@@ -288,7 +287,7 @@ def test_torchscript_unlearns_and_refuses_pruning_in_one_line(torchscript_model,
 
     for method in ("prune", "fine-prune", "filter"):
         out = tmp_path / method
-        result, summary, _ = _mitigate(monkeypatch, source, scan_dir, out, "--method", method, *common)
+        result, summary, _ = _mitigate(monkeypatch, source, planted_scan_dir, out, "--method", method, *common)
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(source) in errors[0] and "TorchScript" in errors[0], result.output
@@ -311,7 +310,9 @@ def test_torchscript_unlearns_and_refuses_pruning_in_one_line(torchscript_model,
     assert [line for line in result.output.splitlines() if line.startswith("error:")][0].count("TorchScript") == 1
 
     # auto leaves out what cannot run on the model, saying so, instead of failing half-way.
-    result, summary, _ = _mitigate(monkeypatch, source, scan_dir, tmp_path / "auto", "--method", "auto", *common)
+    result, summary, _ = _mitigate(
+        monkeypatch, source, planted_scan_dir, tmp_path / "auto", "--method", "auto", *common
+    )
     assert result.exit_code == 0, result.output
     assert set(summary["candidates"]) == {"unlearn", "fine-tune"}
     assert "skipping prune" in result.output and "skipping fine-prune" in result.output
