@@ -92,3 +92,15 @@ def test_mask_iou():
     assert mask_iou(a, a) == 1.0
     assert mask_iou(a, b) == pytest.approx(2 / 6)
     assert mask_iou(torch.zeros(4, 4), torch.zeros(4, 4)) == 0.0
+
+
+def test_hardened_stamps_at_full_strength_where_the_mask_reaches_the_threshold():
+    mask = torch.tensor([[0.05, 0.1], [0.5, 0.0]])
+    pattern = torch.full((1, 2, 2), 0.8)
+    soft = Trigger(mask, pattern)
+    hard = soft.hardened(0.1)
+    assert torch.equal(hard.mask, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert torch.equal(hard.pattern, pattern) and hard.mask_l1 == 2.0
+    x = torch.zeros(1, 1, 2, 2)
+    assert torch.allclose(hard.apply(x)[0, 0], torch.tensor([[0.0, 0.8], [0.8, 0.0]]))
+    assert soft.hardened(0.6).mask_l1 == 0.0

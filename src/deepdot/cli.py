@@ -529,7 +529,7 @@ def scan_command(
         ),
     ] = ScanMode.fast,
     steps: Annotated[
-        int | None, typer.Option(help="Most optimisation steps per label (fast 500, faithful 1000).")
+        int | None, typer.Option(help="Most optimisation steps per label (fast 120, faithful 1000).")
     ] = None,
     samples_per_step: Annotated[
         int | None, typer.Option(help="faithful only: clean images per step (default 1000).")

@@ -135,7 +135,7 @@ def mitigate_command(
     ] = None,
     fpr: Annotated[float, typer.Option(help="filter: false-positive rate the threshold is calibrated for.")] = 0.05,
     epochs: Annotated[
-        int | None, typer.Option(help="Fine-tuning epochs (unlearn 3, fine-tune 5, fine-prune 5, prune 0).")
+        int | None, typer.Option(help="Fine-tuning epochs (unlearn at most 3, fine-tune 5, fine-prune 5, prune 0).")
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Fine-tuning Adam learning rate.")] = None,
     max_accuracy_drop: Annotated[

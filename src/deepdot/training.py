@@ -66,12 +66,15 @@ def train(
     config: TrainConfig | None = None,
     *,
     batch_transform: BatchTransform | None = None,
+    after_epoch: Callable[[int], bool] | None = None,
     progress: ProgressFn = no_progress,
 ) -> TrainHistory:
     """Train ``classifier`` in place on ``data`` with cross-entropy.
 
     ``batch_transform`` sees each batch after augmentation, with the batch's indices into
     ``data``: BadNets uses it to stamp the trigger onto the poisoned images and relabel them.
+    ``after_epoch(epochs_done)`` runs after every epoch but the last, with the model in eval mode;
+    training stops early when it returns True (the history then holds only the epochs run).
     """
     config = config or TrainConfig()
     if data.image_shape != classifier.input_shape:
@@ -118,6 +121,11 @@ def train(
                 )
             history.loss.append(loss_sum / seen)
             history.accuracy.append(correct / seen)
+            if after_epoch is not None and epoch + 1 < config.epochs:
+                classifier.eval()
+                if after_epoch(epoch + 1):
+                    break
+                classifier.train()
     finally:
         classifier.eval()
     return TrainHistory(history.loss, history.accuracy, time.perf_counter() - start)

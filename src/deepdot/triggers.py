@@ -68,6 +68,15 @@ class Trigger:
     def binary_mask(self, threshold: float = 0.5) -> torch.Tensor:
         return self.mask >= threshold
 
+    def hardened(self, threshold: float = 0.1) -> Trigger:
+        """The same trigger at full strength: mask 1 wherever it is at least ``threshold``, else 0.
+
+        A reverse-engineered trigger is the *smallest* soft mask that still works, so a defence
+        can defeat it while the attacker's full-strength stamp still gets through. Its hardened
+        form is a closer stand-in for the planted trigger (used by the mitigations' checks).
+        """
+        return Trigger(self.binary_mask(threshold).to(self.pattern.dtype), self.pattern)
+
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> float:
     """Intersection over union of two masks binarised at ``threshold`` (0.0 when both are empty)."""

@@ -48,13 +48,14 @@ def parse_preprocess(spec: Preprocess) -> Preprocess:
         try:
             parts = dict(p.split("=", 1) for p in text.split())
             return parse_preprocess(
-                {"mean": [float(v) for v in parts["mean"].split(",")], "std": [float(v) for v in parts["std"].split(",")]}
+                {
+                    "mean": [float(v) for v in parts["mean"].split(",")],
+                    "std": [float(v) for v in parts["std"].split(",")],
+                }
             )
         except (KeyError, ValueError) as exc:
             raise ModelError(f"cannot read preprocess {text!r}: expected 'mean=a,b,c std=d,e,f'") from exc
-    raise ModelError(
-        f"unknown preprocess {text!r}: use one of {', '.join(PREPROCESS_NAMES)} or 'mean=a,b,c std=d,e,f'"
-    )
+    raise ModelError(f"unknown preprocess {text!r}: use one of {', '.join(PREPROCESS_NAMES)} or 'mean=a,b,c std=d,e,f'")
 
 
 def preprocess_tensor(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:

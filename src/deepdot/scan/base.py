@@ -114,7 +114,7 @@ class TriggerScanner:
         order = [v for v in suspected if v in chosen] + [v for v in chosen if v not in suspected]
         previous = dict(done or {})
         todo = [v for v in order if v not in previous]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         found: dict[int, LabelTrigger] = {v: previous[v] for v in order if v in previous}
         with frozen_weights(classifier):
             for item in self._reverse(classifier, data.x, todo, progress):
@@ -131,6 +131,7 @@ class TriggerScanner:
             image_passes=sum(t.image_passes for t in results),
             mode=self.mode,
             settings=self.settings(),
+            cpu_seconds=sum(t.cpu_seconds for t in results if t.label in previous) + time.process_time() - cpu_start,
         )
 
     def _reverse(

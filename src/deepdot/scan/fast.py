@@ -1,5 +1,5 @@
-"""Fast Neural Cleanse: every label's trigger optimised at once, with per-label early stopping
-and a budget that leaves clearly uninteresting labels behind.
+"""Fast Neural Cleanse: every label's trigger optimised at once, on a fixed step budget that
+leaves clearly uninteresting labels behind.
 
 Same objective, parametrisation, optimiser and cost schedule as :class:`NeuralCleanse`, but:
 
@@ -8,7 +8,14 @@ Same objective, parametrisation, optimiser and cost schedule as :class:`NeuralCl
   of them (labels are independent: the loss is a sum of per-label terms and Adam is elementwise,
   so this is K reference optimisations run side by side). A step sees ``images_per_step`` images
   (16–128, fewer the more labels there are) instead of the reference's 500–1000.
-* **Per-label early stopping** with the reference rule, vectorised.
+* **Smoothed bookkeeping.** The smallest-mask record judges each label on its last few steps
+  together (``smoothing_steps``), so a lucky handful of images cannot set it.
+* **A fixed step budget.** The cost starts at ``init_cost`` 1e-2 (the reference's 1e-3 spends
+  the first ~40 of a batched scan's steps doubling the cost before any mask shrinks) and every
+  label gets ``steps`` (120) steps unless dropped. Per-label early stopping with the reference
+  rule is available (``early_stop_patience``) but off: on 16-image steps it stopped many labels
+  before their masks had converged, which inflated the MAD and hid GTSRB's planted label 33
+  (anomaly index 1.6-1.9 instead of 3.5; benchmarks/RESULTS.md).
 * **Budget scheduling** (after Shen et al.'s K-Arm idea): after ``warmup_steps``, a label whose
   valid trigger is already far *above* the median size (more than ``drop_margin`` MADs) stops
   receiving steps. Such a label can never be flagged (only small triggers are), and because its
@@ -54,9 +61,20 @@ class FastNeuralCleanse(TriggerScanner):
             noise out and 16 images suffice (DESIGN.md: 43 labels × 16 images per step).
         batch_size: most images per mini-batch (one Adam update); a step's images are split
             into ``ceil(images_per_step / batch_size)`` equal mini-batches.
-        lr / init_cost / patience / cost_multiplier: as in :class:`NeuralCleanse`.
+        lr / init_cost / patience / cost_multiplier: as in :class:`NeuralCleanse` (init_cost
+            1e-2 here, see the module docstring).
+        smoothing_steps: the best-mask bookkeeping judges a label on its success and mask L1
+            averaged over its last this-many steps (the reference averages over the
+            ``samples_per_step`` images of one step; here a step sees only a handful). On one
+            step's 16 images a mask that works on 95 % of images scores 16/16 in 44 % of steps,
+            so a smallest-L1-so-far record over single steps keeps ratcheting down on lucky
+            batches: labels that run longer look smaller and the sizes, hence the MAD and the
+            verdict, vary from run to run (measured on GTSRB, benchmarks/RESULTS.md).
         early_stop_patience: steps without a smaller valid mask before a label stops (once its
-            cost has moved both up and down).
+            cost has moved both up and down); ``None`` (default): no early stopping (see the
+            module docstring).
+        early_stop_threshold: only a best L1 below this fraction of the previous best counts
+            as progress (1.0, the reference's: any improvement).
         warmup_steps: steps every label gets before budget scheduling starts.
         drop_margin: after warm-up, labels more than this many MADs above the median stop.
         max_images_per_pass: labels are processed in chunks so that one forward/backward pass
@@ -66,15 +84,17 @@ class FastNeuralCleanse(TriggerScanner):
             (measured on 2 cores, see benchmarks/RESULTS.md).
     """
 
-    steps: int = 300
+    steps: int = 120
     images_per_step: int | None = None
     batch_size: int = 32
     lr: float = 0.1
-    init_cost: float = 1e-3
+    init_cost: float = 1e-2
     patience: int = 5
     cost_multiplier: float = 2.0
-    early_stop_patience: int = 25
-    warmup_steps: int = 100
+    smoothing_steps: int = 4
+    early_stop_patience: int | None = None
+    early_stop_threshold: float = 1.0
+    warmup_steps: int = 70
     drop_margin: float = 3.0
     max_images_per_pass: int = 128
 
@@ -83,6 +103,8 @@ class FastNeuralCleanse(TriggerScanner):
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or (self.images_per_step or 1) < 1 or self.warmup_steps < 0:
             raise DeepdotError("steps >= 1, batch size >= 1 and warm-up steps >= 0 are required")
+        if self.smoothing_steps < 1 or not 0 < self.early_stop_threshold <= 1:
+            raise DeepdotError("smoothing_steps >= 1 and an early-stop threshold in (0, 1] are required")
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:
             raise DeepdotError("lr and init cost must be positive, cost multiplier > 1, patience >= 1")
 
@@ -100,7 +122,7 @@ class FastNeuralCleanse(TriggerScanner):
     ) -> Iterator[LabelTrigger]:
         if not labels:
             return
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         device = classifier.device
         k = len(labels)
         c, h, w = x.shape[1:]
@@ -130,6 +152,9 @@ class FastNeuralCleanse(TriggerScanner):
         stop_c = torch.zeros_like(set_c)
         last_reg = torch.zeros(k, device=device)
         last_success = torch.zeros(k, device=device)
+        # each label's success and L1 over its last `smoothing_steps` steps (a ring per label)
+        recent_success = torch.zeros(k, self.smoothing_steps, device=device)
+        recent_reg = torch.zeros(k, self.smoothing_steps, device=device)
         active = torch.ones(k, dtype=torch.bool, device=device)
         steps_run = torch.zeros_like(set_c)
         passes = torch.zeros_like(set_c)
@@ -166,24 +191,30 @@ class FastNeuralCleanse(TriggerScanner):
             steps_run[idx] += 1
             last_reg[idx], last_success[idx] = reg_now, success
 
-            # best-mask bookkeeping: as the reference, the mask after the step whose average
-            # success reached the threshold with a smaller average L1
-            better = (success >= thr) & (reg_now < best_reg[idx])
+            # best-mask bookkeeping: as the reference, keep the mask after a step whose average
+            # success reached the threshold with a smaller average L1 -- averaged over the
+            # label's last `smoothing_steps` steps, as the reference averages over one big step
+            slot = (steps_run[idx] - 1) % self.smoothing_steps
+            recent_success[idx, slot], recent_reg[idx, slot] = success, reg_now
+            seen = steps_run[idx].clamp(max=self.smoothing_steps)
+            success_avg = recent_success[idx].sum(1) / seen
+            reg_avg = recent_reg[idx].sum(1) / seen
+            better = (success_avg >= thr) & (reg_avg < best_reg[idx])
             if better.any():
                 rows = idx[better]
-                best_reg[rows] = reg_now[better]
-                best_success[rows] = success[better]
+                best_reg[rows] = reg_avg[better]
+                best_success[rows] = success_avg[better]
                 best_mask[rows] = from_tanh_space(mask_t[rows])
                 best_pattern[rows] = from_tanh_space(pattern_t[rows])
 
             # early stopping (reference rule, per label)
             valid = best_reg[idx] < math.inf
-            no_gain = best_reg[idx] >= stop_best[idx]
+            no_gain = best_reg[idx] >= self.early_stop_threshold * stop_best[idx]
             stop_c[idx] = torch.where(
                 valid, torch.where(no_gain, stop_c[idx] + 1, torch.zeros_like(stop_c[idx])), stop_c[idx]
             )
             stop_best[idx] = torch.minimum(stop_best[idx], best_reg[idx])
-            done = up_f[idx] & down_f[idx] & (stop_c[idx] >= self.early_stop_patience)
+            done = up_f[idx] & down_f[idx] & (stop_c[idx] >= (self.early_stop_patience or self.steps + 1))
 
             # cost schedule (reference rule, per label)
             ok = success >= thr
@@ -225,7 +256,7 @@ class FastNeuralCleanse(TriggerScanner):
                     finished.add(i)
                     progress(ProgressEvent("label", len(finished), k, {"label": labels[i]}))
 
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         total_passes = max(1, int(passes.sum()))
         for i, label in enumerate(labels):
             reached = bool(best_reg[i] < math.inf)
@@ -245,6 +276,7 @@ class FastNeuralCleanse(TriggerScanner):
                 image_passes=int(passes[i]),
                 # wall time shared out in proportion to each label's image passes
                 seconds=elapsed * int(passes[i]) / total_passes,
+                cpu_seconds=cpu * int(passes[i]) / total_passes,
             )
 
     def _drop(self, best_reg: torch.Tensor, last_reg: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class NeuralCleanse(TriggerScanner):
 
         The classifier's weights should be frozen (``scan`` does this).
         """
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         gen = label_generator(self.seed, label)
         c, h, w = x.shape[1:]
         device = classifier.device
@@ -204,4 +204,5 @@ class NeuralCleanse(TriggerScanner):
             steps=steps_run,
             image_passes=passes,
             seconds=time.perf_counter() - start,
+            cpu_seconds=time.process_time() - cpu_start,
         )

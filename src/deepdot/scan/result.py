@@ -24,7 +24,10 @@ class LabelTrigger:
         reached_threshold: whether any step reached the success threshold (if not, the last
             mask is kept and its L1 is an upper bound, not a minimum).
         steps: optimisation steps run; image_passes: images pushed through the model
-            (forward + backward); seconds: wall time.
+            (forward + backward); seconds: wall time; cpu_seconds: processor time of the
+            scanning process (all its threads). On a shared machine the processor time of a
+            one-thread scan is the steadier measure of its cost (it does not grow while other
+            jobs hold the cores).
     """
 
     label: int
@@ -35,6 +38,7 @@ class LabelTrigger:
     steps: int
     image_passes: int
     seconds: float
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +49,7 @@ class LabelTrigger:
             "steps": self.steps,
             "image_passes": self.image_passes,
             "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
         }
 
 
@@ -59,6 +64,7 @@ class ScanResult:
     image_passes: int
     mode: str
     settings: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
 
     @property
     def infected(self) -> bool:
@@ -83,6 +89,7 @@ class ScanResult:
             **self.outliers.to_dict(),
             "clean_accuracy": self.clean_accuracy,
             "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
             "image_passes": self.image_passes,
             "labels": [{**t.to_dict(), "anomaly_index": by_label[t.label]} for t in self.labels],
             "settings": self.settings,
