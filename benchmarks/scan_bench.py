@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if "fast" in row and "faithful" in row:
             row["passes_ratio"] = row["faithful"]["image_passes"] / row["fast"]["image_passes"]
             row["time_ratio"] = row["faithful"]["seconds"] / row["fast"]["seconds"]
-            row["cpu_time_ratio"] = row["faithful"]["cpu_seconds"] / max(row["fast"]["cpu_seconds"], 1e-9)
+            if row["faithful"]["cpu_seconds"] > 0:  # 0: labels checkpointed before processor time was recorded
+                row["cpu_time_ratio"] = row["faithful"]["cpu_seconds"] / row["fast"]["cpu_seconds"]
         rows.append(row)
         write_json(args.work / f"{name}.json", row)
 

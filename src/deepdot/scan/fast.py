@@ -217,6 +217,7 @@ class FastNeuralCleanse(TriggerScanner):
             done = up_f[idx] & down_f[idx] & (stop_c[idx] >= (self.early_stop_patience or self.steps + 1))
 
             # cost schedule (reference rule, per label)
+            cost_before = cost[idx].clone()
             ok = success >= thr
             c_idx = cost[idx]
             arm = (c_idx == 0) & ok
@@ -248,7 +249,16 @@ class FastNeuralCleanse(TriggerScanner):
                     "step",
                     step + 1,
                     self.steps,
-                    {"active": int(active.sum()), "passes": int(passes.sum())},
+                    {
+                        "active": int(active.sum()),
+                        "passes": int(passes.sum()),
+                        # this step's figures of the labels that ran it (for studies of the
+                        # budget: benchmarks/fast_policy.py replays stopping rules on them)
+                        "labels": [labels[i] for i in idx.tolist()],
+                        "success": success.tolist(),
+                        "l1": reg_now.tolist(),
+                        "cost": cost_before.tolist(),
+                    },
                 )
             )
             for i in torch.nonzero(~active).flatten().tolist():
