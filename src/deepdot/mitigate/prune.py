@@ -70,16 +70,14 @@ def prune_until(
     number of units switched off at the end and the curve.
     """
     units = len(order)
-
-    def success() -> float:
-        return recovered_success(classifier, data, backdoors)
-
-    curve = [PruningStep(0, 0.0, clean_accuracy(classifier, data), success())]
+    curve = [PruningStep(0, 0.0, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors))]
     total = math.ceil(max_units / step)
     for i, n in enumerate(range(step, max_units + step, step)):
         n = min(n, max_units)
         with units_off(classifier, layer, order[:n]):
-            point = PruningStep(n, n / units, clean_accuracy(classifier, data), success())
+            point = PruningStep(
+                n, n / units, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors)
+            )
         curve.append(point)
         progress(ProgressEvent(stage, i + 1, total, {"pruned": n, "attack_success_rate": point.attack_success_rate}))
         if stop(curve[0], point):
