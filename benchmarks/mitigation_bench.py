@@ -1,7 +1,8 @@
 """Mitigate zoo models with every method and measure them with the planted trigger.
 
     python benchmarks/mitigation_bench.py --models gtsrb-badnets
-    python benchmarks/mitigation_bench.py --models mnist-badnets --methods unlearn prune
+    python benchmarks/mitigation_bench.py --models mnist-badnets --methods unlearn prune-last-conv
+    python benchmarks/mitigation_bench.py --methods fine-tune unlearn --set fine-tune.lr=1e-3 unlearn.lr=5e-4
 
 For each infected zoo model: the recovered trigger comes from the model's fast scan (read from
 ``--work``/<model>/fast as written by ``scan_bench.py``; scanned here when it is missing), the
@@ -10,12 +11,15 @@ data, never seen in training; GTSRB: split by track), and every figure is measur
 replica's **test set** with the planted trigger (attack success on test images whose true label
 is not the target). Nothing here uses poisoned data to repair. Prints one table (method, clean
 accuracy and planted/recovered attack success before and after, share of the layer pruned,
-filter FPR/FNR, seconds) and writes ``<work>/<model>/mitigation.json``.
+filter FPR/FNR, seconds) and writes ``<work>/<model>/mitigation.json``. ``--set METHOD.FIELD=VALUE``
+changes one setting of a method for this run (the table then names the changed settings).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import os
 import sys
@@ -56,13 +60,34 @@ METHODS = {
 }
 
 
-def recovered(name: str, model, scan_data, work: Path):
-    """The flagged labels' recovered backdoors from the model's fast scan (scanning if needed)."""
+def with_settings(methods: dict, assignments: list[str]) -> dict:
+    """``methods`` with ``METHOD.FIELD=VALUE`` assignments applied (values read as Python
+    literals: ``1e-3``, ``None``, ``0.005``)."""
+    methods = dict(methods)
+    for assignment in assignments:
+        target, _, raw = assignment.partition("=")
+        method, _, name = target.partition(".")
+        if method not in methods or not name or not raw:
+            raise SystemExit(f"--set {assignment!r}: expected METHOD.FIELD=VALUE with METHOD one of {list(methods)}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        try:
+            methods[method] = dataclasses.replace(methods[method], **{name: value})
+        except TypeError as exc:
+            raise SystemExit(f"--set {assignment!r}: {exc}") from None
+    return methods
+
+
+def recovered(name: str, model, scan_data, work: Path, labels: list[int] | None = None):
+    """The flagged labels' (or ``labels``') recovered backdoors from the model's fast scan
+    (scanning if needed)."""
     scan_dir = work / name / "fast"
     if not (scan_dir / "scan.json").exists():
         print(f"{name}: no fast scan in {scan_dir}; scanning", flush=True)
         write_scan(ensure_dir(scan_dir), FastNeuralCleanse().scan(model, scan_data), {"model": name})
-    _, backdoors = load_recovered(scan_dir, model.input_shape, None)
+    _, backdoors = load_recovered(scan_dir, model.input_shape, labels)
     return backdoors, read_json(scan_dir / "scan.json")
 
 
@@ -72,7 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=["gtsrb-badnets"], help="infected zoo models")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--work", type=Path, default=Path("~/.cache/deepdot/bench").expanduser())
+    parser.add_argument(
+        "--labels", nargs="*", type=int, help="mitigate these labels' recovered triggers (default: the flagged ones)"
+    )
+    parser.add_argument("--set", nargs="*", default=[], metavar="METHOD.FIELD=VALUE", help="change a method's setting")
+    parser.add_argument(
+        "--tag", help="write <work>/<model>/mitigation-TAG.json (default: mitigation.json, or a tag built from --set)"
+    )
     args = parser.parse_args(argv)
+    methods = with_settings(METHODS, args.set)
+    tag = args.tag or "_".join(a.replace("=", "-") for a in args.set)
 
     table = []
     for name in args.models:
@@ -85,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = read_json(folder / "attack.json")
         planted = PlantedBackdoor(int(summary["target"]), load_trigger(folder / "trigger.npz"))
         _, repair, test = splits(replica)
-        backdoors, scan = recovered(name, model, test, args.work)
+        backdoors, scan = recovered(name, model, test, args.work, args.labels)
         before = measure(model, test, backdoors, planted)
         print(f"{name}: flagged {scan['flagged']}, repair on {len(repair)} clean images, measured on {len(test)}")
         print(f"  before: {json.dumps(before.to_dict())}", flush=True)
         rows = {}
         for method in args.methods:
-            algo = METHODS[method]
+            algo = methods[method]
             start = time.perf_counter()
             result = algo.apply(model, backdoors, repair)
             row = {"seconds": time.perf_counter() - start, "details": result.to_dict()}
@@ -102,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["after"] = measure(result.classifier, test, backdoors, planted).to_dict()
             if result.pruning is not None:
                 row["pruned_fraction"] = result.pruning.pruned_fraction
+            row["settings"] = [a for a in args.set if a.startswith(method + ".")]
             rows[method] = row
             print(f"  {method}: {json.dumps({k: v for k, v in row.items() if k != 'details'})}", flush=True)
         write_json(
-            ensure_dir(args.work / name) / "mitigation.json",
+            ensure_dir(args.work / name) / (f"mitigation-{tag}.json" if tag else "mitigation.json"),
             {"model": name, "flagged": scan["flagged"], "before": before.to_dict(), "methods": rows},
         )
         table.append((name, before, rows))
@@ -123,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             screen = f"{flt['false_positive_rate']:.1%} / {flt['planted_false_negative_rate']:.1%}" if flt else "—"
             cells = [
                 name,
-                method,
+                " ".join([method, *row["settings"]]),
                 f"{before.clean_accuracy:.4f} → {after['clean_accuracy']:.4f}",
                 f"{before.planted_attack_success_rate:.4f} → {after['planted_attack_success_rate']:.4f}",
                 f"{after['attack_success_rate']:.4f}",

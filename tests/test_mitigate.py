@@ -135,6 +135,28 @@ def test_pruning_spends_the_accuracy_budget_after_the_trigger_fails(badnets_digi
     assert kept.clean_accuracy >= floor
 
 
+def test_pruning_on_the_hardened_trigger_goes_at_least_as_far(
+    badnets_digits, recovered, digits_train, digits_test, planted
+):
+    """With ``harden_threshold`` the trigger counts as failed only once its full-strength form
+    fails too: every kept curve point before the stop still has a working trigger, the kept one
+    none, and the planted trigger is gone."""
+    soft = NeuronPruning(target_attack_success=0.2, max_accuracy_drop=None, max_fraction=0.9).apply(
+        badnets_digits[0], recovered, digits_train
+    )
+    hard = NeuronPruning(
+        target_attack_success=0.2, max_accuracy_drop=None, max_fraction=0.9, harden_threshold=0.1
+    ).apply(badnets_digits[0], recovered, digits_train)
+    assert soft.pruning is not None and hard.pruning is not None
+    curve, kept = hard.pruning.curve, len(hard.pruning.pruned_units)
+    assert curve[-1].pruned == kept and curve[-1].attack_success_rate <= 0.2
+    assert all(p.attack_success_rate > 0.2 for p in curve[:-1])
+    # the hardened trigger is stamped at full strength: it works at least as well as the soft one
+    assert curve[0].attack_success_rate >= soft.pruning.curve[0].attack_success_rate
+    after = measure(hard.classifier, digits_test, recovered_backdoors(recovered), planted)
+    assert after.planted_attack_success_rate <= 0.3
+
+
 def test_unlearning_stops_once_the_recovered_trigger_fails(
     badnets_digits, recovered, digits_train, digits_test, planted
 ):

@@ -102,6 +102,15 @@ class NeuronPruning(Mitigation):
             only at about 25 % (benchmarks/RESULTS.md). The next channels in the ranking are the
             ones the trigger excites next most, so spending the accuracy budget on them is the
             margin. ``None``: stop as soon as the recovered trigger fails (the paper's rule).
+            Half a point by default: the budget is spent on the clean images given, and on the
+            GTSRB replica the test set lost about twice what those images showed (a 1-point
+            budget ran to the 50 % cap and cost 1.2 points on the test set).
+        harden_threshold: rank and stop on the recovered trigger *and* its hardened form
+            (:meth:`Trigger.hardened`: full strength wherever the mask is at least this): units
+            are ranked by the larger of the two activation gaps, and the trigger counts as
+            failed only when both fail. ``None``: the recovered trigger alone. On the GTSRB
+            replica the soft trigger failed at 27 channels (planted trigger 2.1 %), the hardened
+            one at 28 (1.2 %; benchmarks/RESULTS.md).
         max_fraction: never prune more than this share of the layer.
         step_fraction: share of the layer pruned per step (at least one unit).
         fine_tune_epochs: after pruning, fine-tune this many epochs on the clean data with the
@@ -115,7 +124,8 @@ class NeuronPruning(Mitigation):
 
     layer: str = "last_conv"
     target_attack_success: float = 0.01
-    max_accuracy_drop: float | None = 0.01
+    max_accuracy_drop: float | None = 0.005
+    harden_threshold: float | None = 0.1
     max_fraction: float = 0.5
     step_fraction: float = 0.01
     fine_tune_epochs: int = 0
@@ -154,7 +164,12 @@ class NeuronPruning(Mitigation):
     ) -> MitigationResult:
         layer = resolve_layer(classifier, self.layer, self.method)
         data = clean_data.take(self.max_images, seed=self.seed)
-        order = rank_by_trigger(classifier, layer, backdoors, data)
+        checked = backdoors
+        if self.harden_threshold is not None:
+            checked = backdoors + tuple(
+                RecoveredBackdoor(b.target, b.trigger.hardened(self.harden_threshold)) for b in backdoors
+            )
+        order = rank_by_trigger(classifier, layer, checked, data)
         units = len(order)
         failed: list[PruningStep] = []  # the first step at which the recovered trigger failed
 
@@ -172,7 +187,7 @@ class NeuronPruning(Mitigation):
             layer,
             order,
             data,
-            backdoors,
+            checked,
             step=max(1, math.floor(self.step_fraction * units)),
             max_units=max(1, math.floor(self.max_fraction * units)),
             stop=stop,
