@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deepdot.cli_mitigate import load_recovered  # noqa: E402
+from deepdot.errors import DeepdotError  # noqa: E402
 from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
 from deepdot.io.models import load_model  # noqa: E402
 from deepdot.mitigate import (  # noqa: E402
@@ -75,7 +76,7 @@ def with_settings(methods: dict, assignments: list[str]) -> dict:
             value = raw
         try:
             methods[method] = dataclasses.replace(methods[method], **{name: value})
-        except TypeError as exc:
+        except (TypeError, DeepdotError) as exc:  # unknown field, or a value the method refuses
             raise SystemExit(f"--set {assignment!r}: {exc}") from None
     return methods
 

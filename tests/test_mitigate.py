@@ -141,9 +141,9 @@ def test_pruning_on_the_hardened_trigger_goes_at_least_as_far(
     """With ``harden_threshold`` the trigger counts as failed only once its full-strength form
     fails too: every kept curve point before the stop still has a working trigger, the kept one
     none, and the planted trigger is gone."""
-    soft = NeuronPruning(target_attack_success=0.2, max_accuracy_drop=None, max_fraction=0.9).apply(
-        badnets_digits[0], recovered, digits_train
-    )
+    soft = NeuronPruning(
+        target_attack_success=0.2, max_accuracy_drop=None, max_fraction=0.9, harden_threshold=None
+    ).apply(badnets_digits[0], recovered, digits_train)
     hard = NeuronPruning(
         target_attack_success=0.2, max_accuracy_drop=None, max_fraction=0.9, harden_threshold=0.1
     ).apply(badnets_digits[0], recovered, digits_train)

@@ -82,6 +82,14 @@ def recovered_backdoors(source: BackdoorSource) -> tuple[RecoveredBackdoor, ...]
     return items
 
 
+def with_hardened(backdoors: Sequence[RecoveredBackdoor], threshold: float | None) -> tuple[RecoveredBackdoor, ...]:
+    """``backdoors`` followed by each one's hardened trigger (:meth:`Trigger.hardened` at
+    ``threshold``: full strength where the mask is at least that); ``None``: ``backdoors`` alone."""
+    if threshold is None:
+        return tuple(backdoors)
+    return (*backdoors, *(RecoveredBackdoor(b.target, b.trigger.hardened(threshold)) for b in backdoors))
+
+
 def stamp_random(
     x: torch.Tensor, backdoors: Sequence[RecoveredBackdoor], fraction: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

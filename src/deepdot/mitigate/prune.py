@@ -16,7 +16,13 @@ import torch
 
 from deepdot.data import ImageData
 from deepdot.metrics import attack_success_rate, clean_accuracy
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
+from deepdot.mitigate.base import (
+    Mitigation,
+    MitigationError,
+    RecoveredBackdoor,
+    check_pruning_search,
+    with_hardened,
+)
 from deepdot.mitigate.layers import bake_pruning, check_bakeable, resolve_layer, units_off
 from deepdot.mitigate.ranking import rank_by_trigger
 from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
@@ -45,10 +51,7 @@ def recovered_success(
     """Highest attack success rate of the recovered triggers on ``data``; with ``harden``, also of
     each trigger stamped at full strength where its mask is at least ``harden``
     (:meth:`Trigger.hardened`)."""
-    triggers = [(b.trigger, b.target) for b in backdoors]
-    if harden is not None:
-        triggers += [(b.trigger.hardened(harden), b.target) for b in backdoors]
-    return max(attack_success_rate(classifier, data, trigger, target) for trigger, target in triggers)
+    return max(attack_success_rate(classifier, data, b.trigger, b.target) for b in with_hardened(backdoors, harden))
 
 
 def prune_until(
@@ -164,11 +167,7 @@ class NeuronPruning(Mitigation):
     ) -> MitigationResult:
         layer = resolve_layer(classifier, self.layer, self.method)
         data = clean_data.take(self.max_images, seed=self.seed)
-        checked = backdoors
-        if self.harden_threshold is not None:
-            checked = backdoors + tuple(
-                RecoveredBackdoor(b.target, b.trigger.hardened(self.harden_threshold)) for b in backdoors
-            )
+        checked = with_hardened(backdoors, self.harden_threshold)
         order = rank_by_trigger(classifier, layer, checked, data)
         units = len(order)
         failed: list[PruningStep] = []  # the first step at which the recovered trigger failed

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from deepdot.data import ImageData
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, stamp_random
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, stamp_random, with_hardened
 from deepdot.mitigate.prune import recovered_success
 from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
@@ -82,11 +82,7 @@ class Unlearning(Mitigation):
         progress: ProgressFn,
     ) -> MitigationResult:
         generator = torch.Generator().manual_seed(self.seed)
-        stamps = backdoors
-        if self.stamp_hardened and self.harden_threshold is not None:
-            stamps = backdoors + tuple(
-                RecoveredBackdoor(b.target, b.trigger.hardened(self.harden_threshold)) for b in backdoors
-            )
+        stamps = with_hardened(backdoors, self.harden_threshold if self.stamp_hardened else None)
 
         def with_trigger(x: torch.Tensor, y: torch.Tensor, _index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             stamped, _ = stamp_random(x, stamps, self.trigger_fraction, generator)
