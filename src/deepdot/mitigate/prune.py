@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from deepdot.data import ImageData
-from deepdot.metrics import attack_success_rate, clean_accuracy
+from deepdot.metrics import attack_success_rate
 from deepdot.mitigate.base import (
     Mitigation,
     MitigationError,
@@ -54,6 +54,30 @@ def recovered_success(
     return max(attack_success_rate(classifier, data, b.trigger, b.target) for b in with_hardened(backdoors, harden))
 
 
+def measure_point(
+    classifier: Classifier, data: ImageData, backdoors: Sequence[RecoveredBackdoor], pruned: int, units: int
+) -> PruningStep:
+    """One point of a pruning curve: clean accuracy and the recovered triggers' attack success on
+    ``data``, gross and net of the model's own errors into each target label (one clean pass
+    serves both clean figures)."""
+    pred = classifier.predict(data.x)
+    success, net = [], []
+    for b in backdoors:
+        others = data.y != b.target
+        rate = attack_success_rate(classifier, data, b.trigger, b.target)
+        # in whole images, so that a trigger that adds nothing nets exactly 0
+        hits = round(rate * int(others.sum())) - int((pred[others] == b.target).sum())
+        success.append(rate)
+        net.append(hits / max(1, int(others.sum())))
+    return PruningStep(
+        pruned,
+        pruned / units if units else 0.0,
+        float((pred == data.y).float().mean()),
+        max(success),
+        net_attack_success_rate=max(net),
+    )
+
+
 def prune_until(
     classifier: Classifier,
     layer: str,
@@ -73,14 +97,12 @@ def prune_until(
     number of units switched off at the end and the curve.
     """
     units = len(order)
-    curve = [PruningStep(0, 0.0, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors))]
+    curve = [measure_point(classifier, data, backdoors, 0, units)]
     total = math.ceil(max_units / step)
     for i, n in enumerate(range(step, max_units + step, step)):
         n = min(n, max_units)
         with units_off(classifier, layer, order[:n]):
-            point = PruningStep(
-                n, n / units, clean_accuracy(classifier, data), recovered_success(classifier, data, backdoors)
-            )
+            point = measure_point(classifier, data, backdoors, n, units)
         curve.append(point)
         progress(ProgressEvent(stage, i + 1, total, {"pruned": n, "attack_success_rate": point.attack_success_rate}))
         if stop(curve[0], point):
@@ -96,24 +118,31 @@ class NeuronPruning(Mitigation):
         layer: ``last_conv`` (channels; the paper's better choice), ``penultimate`` (neurons) or
             a module name.
         target_attack_success: stop once the recovered trigger's attack success rate on the clean
-            data is at or below this.
+            data, net of the model's own errors into the target (``net_of_errors``), is at or
+            below this. 0.1 % by default: the scan recovers the *smallest soft* trigger that
+            works, which fails well before the attacker's full-strength one, so "fails on all
+            but one image in a thousand" is the signal. On the GTSRB replica the recovered
+            trigger (soft and hardened) was at 1.0 % after 27 last-conv channels (planted
+            trigger: 2.1 %) and at 0 after 31 (planted 0.41 %, accuracy −0.88 points;
+            benchmarks/RESULTS.md).
         max_accuracy_drop: once the recovered trigger fails, pruning goes on in the same order
             while clean accuracy on the clean data stays within this of the unpruned model's,
-            and keeps the last such step. A scan recovers the *smallest soft* trigger that works,
-            and it fails well before the attacker's full-strength one: on the GTSRB replica the
-            recovered trigger fell below 1 % at 15 % of the last-conv channels, the planted one
-            only at about 25 % (benchmarks/RESULTS.md). The next channels in the ranking are the
-            ones the trigger excites next most, so spending the accuracy budget on them is the
-            margin. ``None``: stop as soon as the recovered trigger fails (the paper's rule).
-            Half a point by default: the budget is spent on the clean images given, and on the
-            GTSRB replica the test set lost about twice what those images showed (a 1-point
-            budget ran to the 50 % cap and cost 1.2 points on the test set).
+            and keeps the last such step: the next units in the ranking are the ones the trigger
+            excites next most, a margin against the attacker's stronger trigger. ``None``: stop
+            as soon as the recovered trigger fails (the paper's rule). Half a point by default:
+            on the GTSRB replica the test set lost about twice what the 2,000 clean images
+            showed (a 1-point budget cost 1.2 points on the test set).
+        net_of_errors: judge the recovered trigger by its success *net of* the share of the same
+            images the model already sends to the target without it
+            (:attr:`PruningStep.net_attack_success_rate`). The gross success never falls below
+            the model's own errors into the target label, so on a model that makes many, a
+            small ``target_attack_success`` would otherwise never be reached.
         harden_threshold: rank and stop on the recovered trigger *and* its hardened form
             (:meth:`Trigger.hardened`: full strength wherever the mask is at least this): units
             are ranked by the larger of the two activation gaps, and the trigger counts as
             failed only when both fail. ``None``: the recovered trigger alone. On the GTSRB
-            replica the soft trigger failed at 27 channels (planted trigger 2.1 %), the hardened
-            one at 28 (1.2 %; benchmarks/RESULTS.md).
+            replica, stopping at 1 %, the soft trigger failed at 27 channels (planted 2.1 %),
+            the hardened one at 28 (1.2 %; benchmarks/RESULTS.md).
         max_fraction: never prune more than this share of the layer.
         step_fraction: share of the layer pruned per step (at least one unit).
         fine_tune_epochs: after pruning, fine-tune this many epochs on the clean data with the
@@ -126,8 +155,9 @@ class NeuronPruning(Mitigation):
     method = "prune"
 
     layer: str = "last_conv"
-    target_attack_success: float = 0.01
+    target_attack_success: float = 0.001
     max_accuracy_drop: float | None = 0.005
+    net_of_errors: bool = True
     harden_threshold: float | None = 0.1
     max_fraction: float = 0.5
     step_fraction: float = 0.01
@@ -174,7 +204,8 @@ class NeuronPruning(Mitigation):
 
         def stop(first: PruningStep, point: PruningStep) -> bool:
             if not failed:
-                if point.attack_success_rate > self.target_attack_success:
+                success = point.net_attack_success_rate if self.net_of_errors else point.attack_success_rate
+                if success is None or success > self.target_attack_success:
                     return False
                 failed.append(point)
                 if self.max_accuracy_drop is None:
