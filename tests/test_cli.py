@@ -147,3 +147,25 @@ def test_bad_input_exits_2_with_one_line(saved_models, tmp_path, case, needle):
 def test_usage_error_exits_2():
     assert runner.invoke(app, ["scan"]).exit_code == 2
     assert runner.invoke(app, ["scan", "x", "--mode", "quick"]).exit_code == 2
+
+
+def test_progress_without_a_terminal_prints_throttled_lines():
+    """When output is not a terminal (a log file), no bars are drawn but a plain line per stage
+    shows the run is moving: the first event of a stage, then at most one per interval, and the
+    end of every stage but the inner step loop."""
+    import io
+
+    from rich.console import Console
+
+    from deepdot.progress import ProgressEvent
+    from deepdot.report.console import ProgressBars
+
+    out = io.StringIO()
+    with ProgressBars(Console(file=out, force_terminal=False, width=120), enabled=False, interval=3600) as bars:
+        bars(ProgressEvent("label", 1, 3, {"label": 5}))
+        bars(ProgressEvent("label", 2, 3, {"label": 6}))  # within the interval: not printed
+        bars(ProgressEvent("step", 1, 10))
+        bars(ProgressEvent("step", 10, 10))  # the step loop's end is not worth a line
+        bars(ProgressEvent("label", 3, 3, {"label": 7}))  # a stage's end always is
+    lines = out.getvalue().splitlines()
+    assert lines == ["labels 1/3 label 5", "steps 1/10", "labels 3/3 label 7"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -15,12 +16,19 @@ from deepdot.scan.result import ScanResult
 class ProgressBars:
     """A :data:`~deepdot.progress.ProgressFn` that shows one bar per stage (train, label, step).
 
-    Use as a context manager; call the instance with events.
+    Use as a context manager; call the instance with events. With ``enabled=False`` (output is
+    not a terminal, e.g. a log file) no bars are drawn; instead a plain line per stage is printed
+    at most every ``interval`` seconds, and when a stage other than the inner ``step`` loop
+    completes, so a long run in a log still shows it is moving.
     """
 
     LABELS = {"train": "training", "label": "labels", "step": "steps", "scan": "scan"}
 
-    def __init__(self, console: Console, enabled: bool = True) -> None:
+    def __init__(self, console: Console, enabled: bool = True, interval: float = 30.0) -> None:
+        self.console = console
+        self.plain = not enabled
+        self.interval = interval
+        self._printed: dict[str, float] = {}
         self.progress = Progress(
             TextColumn("{task.description:<10}"),
             BarColumn(),
@@ -43,12 +51,24 @@ class ProgressBars:
 
     def __call__(self, event: ProgressEvent) -> None:
         info = " ".join(f"{k} {_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",))
+        if self.plain:  # one short line: per-label lists (the fast scan's) stay out of logs
+            scalars = {k: v for k, v in event.info.items() if isinstance(v, int | float | str) and k != "epochs"}
+            self._line(event, " ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+            return
         if event.stage not in self.tasks:
             self.tasks[event.stage] = self.progress.add_task(
                 self.LABELS.get(event.stage, event.stage), total=event.total, info=""
             )
         task = self.tasks[event.stage]
         self.progress.update(task, completed=event.done, total=event.total, info=info)
+
+    def _line(self, event: ProgressEvent, info: str) -> None:
+        now = time.monotonic()
+        finished = event.done >= event.total and event.stage != "step"
+        if finished or now - self._printed.get(event.stage, float("-inf")) >= self.interval:
+            self._printed[event.stage] = now
+            label = self.LABELS.get(event.stage, event.stage)
+            self.console.print(f"{label} {event.done}/{event.total} {info}".rstrip(), highlight=False)
 
 
 def _fmt(v: Any) -> str:
