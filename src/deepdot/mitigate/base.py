@@ -19,6 +19,7 @@ import torch
 
 from deepdot.data import ImageData
 from deepdot.errors import DeepdotError
+from deepdot.metrics import attack_success_rate
 from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn, no_progress
@@ -88,6 +89,15 @@ def with_hardened(backdoors: Sequence[RecoveredBackdoor], threshold: float | Non
     if threshold is None:
         return tuple(backdoors)
     return (*backdoors, *(RecoveredBackdoor(b.target, b.trigger.hardened(threshold)) for b in backdoors))
+
+
+def recovered_success(
+    classifier: Classifier, data: ImageData, backdoors: Sequence[RecoveredBackdoor], harden: float | None = None
+) -> float:
+    """Highest attack success rate of the recovered triggers on ``data``; with ``harden``, also of
+    each trigger stamped at full strength where its mask is at least ``harden``
+    (:meth:`Trigger.hardened`)."""
+    return max(attack_success_rate(classifier, data, b.trigger, b.target) for b in with_hardened(backdoors, harden))
 
 
 def stamp_random(

@@ -45,15 +45,6 @@ def fine_tune_pruned(
         return tuple(train(classifier, clean_data, config, progress=progress).loss)
 
 
-def recovered_success(
-    classifier: Classifier, data: ImageData, backdoors: Sequence[RecoveredBackdoor], harden: float | None = None
-) -> float:
-    """Highest attack success rate of the recovered triggers on ``data``; with ``harden``, also of
-    each trigger stamped at full strength where its mask is at least ``harden``
-    (:meth:`Trigger.hardened`)."""
-    return max(attack_success_rate(classifier, data, b.trigger, b.target) for b in with_hardened(backdoors, harden))
-
-
 def measure_point(
     classifier: Classifier, data: ImageData, backdoors: Sequence[RecoveredBackdoor], pruned: int, units: int
 ) -> PruningStep:
@@ -74,7 +65,7 @@ def measure_point(
         pruned / units if units else 0.0,
         float((pred == data.y).float().mean()),
         max(success),
-        net_attack_success_rate=max(net),
+        max(net),
     )
 
 
@@ -205,7 +196,7 @@ class NeuronPruning(Mitigation):
         def stop(first: PruningStep, point: PruningStep) -> bool:
             if not failed:
                 success = point.net_attack_success_rate if self.net_of_errors else point.attack_success_rate
-                if success is None or success > self.target_attack_success:
+                if success > self.target_attack_success:
                     return False
                 failed.append(point)
                 if self.max_accuracy_drop is None:

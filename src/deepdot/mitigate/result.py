@@ -21,8 +21,7 @@ class PruningStep:
         clean_accuracy: on the clean data the mitigation was given.
         attack_success_rate: of the recovered trigger(s) on that data (highest over labels).
         net_attack_success_rate: the same, less the share of those images the model sends to
-            the target label *without* the trigger (highest over labels; ``None`` when not
-            measured). A trigger's success never falls below the model's own errors into its
+            the target label *without* the trigger (highest over labels). A trigger's success never falls below the model's own errors into its
             label, so this is the part of the success the trigger causes.
     """
 
@@ -30,18 +29,16 @@ class PruningStep:
     fraction: float
     clean_accuracy: float
     attack_success_rate: float
-    net_attack_success_rate: float | None = None
+    net_attack_success_rate: float
 
     def to_dict(self) -> dict[str, Any]:
-        out = {
+        return {
             "pruned": self.pruned,
             "fraction": round(self.fraction, 6),
             "clean_accuracy": self.clean_accuracy,
             "attack_success_rate": self.attack_success_rate,
+            "net_attack_success_rate": self.net_attack_success_rate,
         }
-        if self.net_attack_success_rate is not None:
-            out["net_attack_success_rate"] = self.net_attack_success_rate
-        return out
 
 
 @dataclass(frozen=True)

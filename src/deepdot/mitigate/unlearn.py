@@ -12,8 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from deepdot.data import ImageData
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, stamp_random, with_hardened
-from deepdot.mitigate.prune import recovered_success
+from deepdot.mitigate.base import (
+    Mitigation,
+    MitigationError,
+    RecoveredBackdoor,
+    recovered_success,
+    stamp_random,
+    with_hardened,
+)
 from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn

@@ -50,11 +50,11 @@ class ProgressBars:
         self.progress.__exit__(*exc)
 
     def __call__(self, event: ProgressEvent) -> None:
-        info = " ".join(f"{k} {_fmt(v)}" for k, v in event.info.items() if k not in ("epochs",))
+        items = [(k, v) for k, v in event.info.items() if k != "epochs"]
         if self.plain:  # one short line: per-label lists (the fast scan's) stay out of logs
-            scalars = {k: v for k, v in event.info.items() if isinstance(v, int | float | str) and k != "epochs"}
-            self._line(event, " ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+            self._line(event, " ".join(f"{k} {_fmt(v)}" for k, v in items if isinstance(v, int | float | str)))
             return
+        info = " ".join(f"{k} {_fmt(v)}" for k, v in items)
         if event.stage not in self.tasks:
             self.tasks[event.stage] = self.progress.add_task(
                 self.LABELS.get(event.stage, event.stage), total=event.total, info=""
