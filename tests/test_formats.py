@@ -378,14 +378,14 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, writer):
     else:
         path.write_bytes(pickle.dumps(_Malicious(marker)))
     message = _error(path)
-    assert "refused" in message and "--allow-pickle" in message
+    assert "refused" in message and "--allow-code" in message
     assert not marker.exists()
 
 
 def test_whole_pickled_module_needs_allow_pickle(tmp_path, digits_model, images):
     path = tmp_path / "whole.pt"
     torch.save(digits_model.network, path)
-    assert "--allow-pickle" in _error(path)
+    assert "--allow-code" in _error(path)
     classifier = load_model(path, allow_pickle=True, input_shape=(1, 16, 16))
     with torch.no_grad():
         assert (classifier(images) - digits_model(images)).abs().max() == 0

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from deepdot import __version__
 from deepdot.errors import DeepdotError
@@ -35,26 +38,66 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_CLEAN, EXIT_BACKDOOR, EXIT_INPUT = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 _state = {"debug": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it stops like Ctrl-C does (checkpoint kept)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def fail(message: str) -> NoReturn:
+    """Print one error line on stderr and exit with code 2 (input or usage error)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INPUT)
+
+
+def _describe_crash(exc: BaseException) -> str:
+    """One line for an exception deepdot did not expect: a bug, or a resource running out."""
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({what}); try fewer images (--max-images) or a smaller model"
+    if isinstance(exc, OSError):
+        return f"{what}"
+    return f"internal error ({what}); this is a bug in deepdot: rerun as `deepdot --debug ...` for the traceback and report it"
+
+
 def handle_errors(func: F) -> F:
-    """Turn deepdot's input errors into one line on stderr and exit code 2."""
+    """The one place where a command's failures become exit codes, so that exit 1 stays the
+    verdict "backdoor found" and nothing else:
+
+    * :class:`DeepdotError` (bad input or set-up) -> its one-line message, exit 2;
+    * Ctrl-C -> exit 130, SIGTERM -> exit 143 (a scan keeps its checkpoint and resumes);
+    * any other exception (a bug in deepdot, or memory running out) -> one line saying so,
+      exit 2. ``deepdot --debug`` shows the traceback instead.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt as exc:
+            code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+            how = "terminated" if code == EXIT_TERMINATED else "interrupted"
+            err_console.print(f"{how}; a scan rerun with the same arguments resumes where it stopped")
+            raise typer.Exit(code) from None
         except DeepdotError as exc:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_INPUT) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; a scan rerun with the same arguments resumes where it stopped")
-            raise typer.Exit(130) from None
+            fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - the structural net: never a traceback, never exit 1
+            if _state["debug"]:
+                raise
+            fail(_describe_crash(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -73,6 +116,10 @@ def main_options(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    if not debug:
+        # Third-party notices (torch's pickle protocol, Pillow's decompression-bomb warning, …)
+        # are not for the user: deepdot checks what they warn about and says so itself.
+        warnings.simplefilter("ignore")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,13 +141,13 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
         raise DeepdotError(f"{what}: expected comma-separated whole numbers, got {text!r}") from None
 
 
-def _load_model(path: Path, preprocess: str | None, arch: str | None = None, allow_pickle: bool = False) -> Any:
+def _load_model(path: Path, preprocess: str | None, arch: str | None = None, allow_code: bool = False) -> Any:
     """Load any supported model file (see ``deepdot.io.models.load_model``)."""
     from deepdot.io.models import load_model
     from deepdot.models import parse_preprocess
 
     return load_model(
-        path, preprocess=parse_preprocess(preprocess) if preprocess else None, arch=arch, allow_pickle=allow_pickle
+        path, preprocess=parse_preprocess(preprocess) if preprocess else None, arch=arch, allow_code=allow_code
     )
 
 
@@ -167,7 +214,7 @@ def _train_and_test(data: str, test_data: str | None, holdout: float, seed: int)
 
 def _report_written(paths: list[Path]) -> None:
     for p in paths:
-        console.print(f"wrote {p}")
+        console.print(f"wrote {p}", markup=False)
 
 
 class Corner(str, Enum):
@@ -278,11 +325,13 @@ ModelArchOpt = Annotated[
     str | None,
     typer.Option("--arch", help="Architecture of a plain state_dict file (.pt/.pth), see `deepdot models`."),
 ]
-AllowPickleOpt = Annotated[
+AllowCodeOpt = Annotated[
     bool,
     typer.Option(
+        "--allow-code",
         "--allow-pickle",
-        help="Allow loading a pickled full model. DANGEROUS: unpickling runs code from the file; only for files you trust.",
+        help="Let the model file run its own code: unpickle a whole pickled model, run TorchScript without checking "
+        "its operators. DANGEROUS: only for files you trust. (--allow-pickle is the former name.)",
     ),
 ]
 PreprocessOpt = Annotated[
@@ -478,7 +527,7 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option("--out", help="Folder for evaluate.json (default: print only).")] = None,
     preprocess: PreprocessOpt = None,
     arch: ModelArchOpt = None,
-    allow_pickle: AllowPickleOpt = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Clean accuracy (and attack success rate with --trigger/--target) of any model."""
     from deepdot.io.files import ensure_dir, load_trigger, write_json
@@ -489,7 +538,7 @@ def evaluate_command(
         raise DeepdotError("--trigger and --target (or --all-to-all) go together")
     if out is not None:
         ensure_dir(out)
-    classifier = _load_model(model, preprocess, arch, allow_pickle)
+    classifier = _load_model(model, preprocess, arch, allow_code)
     test_set = _load_data_for(data, "test", classifier)
     figures: dict[str, Any] = {"model": str(model), "data": test_set.name, "images": len(test_set)}
     figures["clean_accuracy"] = clean_accuracy(classifier, test_set)
@@ -540,11 +589,14 @@ def scan_command(
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 0.1).")] = None,
     init_cost: Annotated[
-        float | None, typer.Option(help="Initial weight of the mask's L1 term (default 1e-3).")
+        float | None, typer.Option(help="Initial weight of the mask's L1 term (default: fast 1e-2, faithful 1e-3).")
     ] = None,
     labels: Annotated[str | None, typer.Option(help="Scan only these labels, e.g. 0,5,33 (at least 3).")] = None,
     suspected: Annotated[str | None, typer.Option(help="Scan these labels first (order only).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Use at most this many clean images.")] = None,
+    min_images: Annotated[
+        int | None, typer.Option(help="Refuse to scan fewer clean images than this (default 50).")
+    ] = None,
     min_accuracy: Annotated[
         float, typer.Option(help="Refuse to scan below this clean accuracy (preprocessing check).")
     ] = 0.5,
@@ -554,7 +606,7 @@ def scan_command(
         bool, typer.Option(help="Reuse labels finished by an interrupted run with the same arguments.")
     ] = True,
     arch: ModelArchOpt = None,
-    allow_pickle: AllowPickleOpt = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Reverse-engineer a trigger per label and flag outliers (Neural Cleanse).
 
@@ -562,12 +614,9 @@ def scan_command(
     found; 1: backdoor found; 2: usage or input error.
     """
     from deepdot.io.files import ensure_dir
-    from deepdot.report.artifacts import Checkpoint, file_digest, write_scan
+    from deepdot.report.artifacts import Checkpoint, data_digest, write_scan
     from deepdot.report.console import print_scan
 
-    ensure_dir(out)
-    classifier = _load_model(model, preprocess, arch, allow_pickle)
-    scan_data = _load_data_for(data, "test", classifier, max_images)
     overrides = {
         "steps": steps,
         "samples_per_step": samples_per_step,
@@ -575,34 +624,39 @@ def scan_command(
         "images_per_step": images_per_step,
         "lr": lr,
         "init_cost": init_cost,
+        "min_images": min_images,
     }
     scanner = make_scanner(
         mode.value, seed=seed, min_clean_accuracy=min_accuracy, **{k: v for k, v in overrides.items() if v is not None}
     )
-    from deepdot.io.models import model_paths
+    ensure_dir(out)
+    classifier = _load_model(model, preprocess, arch, allow_code)
+    scan_data = _load_data_for(data, "test", classifier, max_images)
+    from deepdot.io.models import model_digest
 
-    weights, _ = model_paths(model)
-    key = {
-        "model": file_digest(weights if weights.exists() else model),
+    key = {  # everything that changes the result: a checkpoint made under another key is discarded
+        "model": model_digest(model),
         "preprocess": classifier.preprocess,
-        "data": scan_data.name,
+        "data": data_digest(scan_data),
         "images": len(scan_data),
         "settings": scanner.settings(),
         "labels": labels,
     }
+    chosen = _parse_ints(labels, "--labels")
     checkpoint = Checkpoint(out, key)
-    done = checkpoint.load() if resume else {}
+    done = scanner.reusable(checkpoint.load(), chosen or range(classifier.num_classes)) if resume else {}
     checkpoint.start()
     if done:
-        console.print(f"resuming: {len(done)} label(s) already done in {checkpoint.folder}")
+        console.print(f"resuming: {len(done)} label(s) already done in {checkpoint.folder}", markup=False)
     console.print(
-        f"scanning {model} ({classifier.num_classes} labels) on {len(scan_data)} images of {scan_data.name}, {mode.value} mode"
+        f"scanning {model} ({classifier.num_classes} labels) on {len(scan_data)} images of {scan_data.name}, {mode.value} mode",
+        markup=False,
     )
     with _bars() as bars:
         result = scanner.scan(
             classifier,
             scan_data,
-            labels=_parse_ints(labels, "--labels"),
+            labels=chosen,
             suspected=_parse_ints(suspected, "--suspected") or (),
             done=done,
             on_label=checkpoint.save,
@@ -620,7 +674,7 @@ def scan_command(
     )
     print_scan(console, result, str(model))
     console.print(f"objective: {classifier.output_note}")
-    console.print(f"wrote {json_path} and label_<k>_{{mask,pattern,fusion}}.png in {out}")
+    console.print(f"wrote {json_path} and label_<k>_{{mask,pattern,fusion}}.png in {out}", markup=False)
     raise typer.Exit(EXIT_BACKDOOR if result.infected else EXIT_CLEAN)
 
 
@@ -662,8 +716,48 @@ def demo_command(
 from deepdot import cli_mitigate  # noqa: E402,F401
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``deepdot`` console script."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: list[str]) -> int:
+    """Run the command line on ``args`` and return its exit code.
+
+    Usage errors (an unknown option, a bad value) are one line here too, like every other
+    error: the command's failures are handled by :func:`handle_errors`, the parser's here.
+    """
+    from typer import _click
+
+    signal.signal(signal.SIGTERM, _terminate)
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="deepdot", standalone_mode=False)
+    except _click.exceptions.NoArgsIsHelpError as exc:
+        console.print(exc.ctx.get_help() if exc.ctx else "", markup=False, highlight=False)
+        return EXIT_INPUT
+    except _click.exceptions.UsageError as exc:
+        where = (
+            f"deepdot {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "deepdot"
+        )
+        return _one_line(f"{exc.format_message()} (see `{where} --help`)")
+    except _click.exceptions.ClickException as exc:
+        return _one_line(exc.format_message())
+    except (typer.Abort, EOFError):
+        err_console.print("aborted")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # raised outside a command (while parsing or importing)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_INPUT
+    return result if isinstance(result, int) else EXIT_CLEAN
+
+
+def _one_line(message: str) -> int:
+    try:
+        fail(" ".join(message.split()))
+    except typer.Exit as done:
+        return done.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ import typer
 from deepdot.cli import (
     EXIT_BACKDOOR,
     EXIT_CLEAN,
-    AllowPickleOpt,
+    AllowCodeOpt,
     DataOpt,
     ModelArchOpt,
     OutOpt,
@@ -151,7 +151,7 @@ def mitigate_command(
     all_to_all: Annotated[bool, typer.Option("--all-to-all", help="The planted attack sends y to y+1.")] = False,
     preprocess: PreprocessOpt = None,
     arch: ModelArchOpt = None,
-    allow_pickle: AllowPickleOpt = False,
+    allow_code: AllowCodeOpt = False,
     seed: Annotated[int, typer.Option(help="Random seed (runs are repeatable).")] = 0,
 ) -> None:
     """Remove a backdoor found by `deepdot scan` (Neural Cleanse filter/pruning/unlearning, Fine-Pruning).
@@ -173,7 +173,7 @@ def mitigate_command(
     if not 0 < fpr < 1:
         raise DeepdotError(f"--fpr must be between 0 and 1, got {fpr}")
     ensure_dir(out)
-    classifier = _load_model(model, preprocess, arch, allow_pickle)
+    classifier = _load_model(model, preprocess, arch, allow_code)
     mitigated, backdoors = load_recovered(scan, classifier.input_shape, _parse_ints(labels, "--labels"))
     for k in mitigated:
         if not 0 <= k < classifier.num_classes:
@@ -333,7 +333,7 @@ def filter_command(
     ] = None,
     preprocess: PreprocessOpt = None,
     arch: ModelArchOpt = None,
-    allow_pickle: AllowPickleOpt = False,
+    allow_code: AllowCodeOpt = False,
 ) -> None:
     """Screen inputs with a saved input filter (Neural Cleanse); writes OUT/filtered.json.
 
@@ -351,7 +351,7 @@ def filter_command(
     flt = TriggerFilter.from_dict(info)
     model_path = model or path.parent / str(info.get("model", "model.safetensors"))
     ensure_dir(out)
-    classifier = _load_model(model_path, preprocess, arch, allow_pickle)
+    classifier = _load_model(model_path, preprocess, arch, allow_code)
     if isinstance(classifier.network, torch.jit.ScriptModule):
         raise DeepdotError(
             f"{model_path}: a filter reads layer {flt.layer!r} through a forward hook, which TorchScript models "

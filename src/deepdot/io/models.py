@@ -7,9 +7,11 @@ HDF5/``.keras``, ONNX, TorchScript and plain PyTorch ``state_dict`` files — an
 a :class:`~deepdot.models.Classifier`.
 
 Models are untrusted input: nothing here runs code from a file. Keras and ONNX files are
-converted layer by layer, ``torch.load`` always runs with ``weights_only=True``, and a pickled
-whole ``nn.Module`` (which can run arbitrary code when unpickled) is refused unless the caller
-explicitly passes ``allow_pickle=True``.
+converted layer by layer, ``torch.load`` always runs with ``weights_only=True``, TorchScript
+archives run only after their every operator is checked against an allow-list of pure tensor
+operations (:mod:`deepdot.io.torchscript`), and a pickled whole ``nn.Module`` (which can run
+arbitrary code when unpickled) is refused — unless the caller explicitly passes
+``allow_code=True`` for a file it trusts.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from deepdot.errors import ModelError
+from deepdot.io.files import replacing
 from deepdot.models import ARCHITECTURES, Classifier, build_classifier
 from deepdot.models.classifier import Preprocess
 
@@ -65,6 +68,31 @@ def model_file(path: str | Path) -> Path:
     return p
 
 
+def model_digest(path: str | Path) -> str:
+    """SHA-256 over every file :func:`load_model` reads for ``path`` (the model file, and its
+    ``model.json`` or ``<stem>.json`` beside it), so that a result is never reused for other bytes."""
+    import hashlib
+
+    p = model_file(path)
+    if p.is_dir() or p.suffix.lower() in ("", ".safetensors", ".json"):
+        files = list(model_paths(p))
+    else:
+        files = [p, p.with_suffix(".json")]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        try:
+            with open(f, "rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(chunk)
+        except FileNotFoundError:
+            h.update(b"(absent)")
+        except OSError as exc:
+            raise ModelError(f"{f}: cannot read ({exc.strerror or exc})") from exc
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def save_model(classifier: Classifier, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``model.json``; ``path`` is a folder or a ``.safetensors`` file.
 
@@ -78,9 +106,11 @@ def save_model(classifier: Classifier, path: str | Path, extra: dict[str, Any] |
     try:
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()}
-        save_file(state, str(weights))
+        with replacing(weights) as tmp:
+            save_file(state, str(tmp))
         info = {"format": FORMAT, "version": FORMAT_VERSION, **classifier.describe(), **(extra or {})}
-        meta.write_text(json.dumps(info, indent=2) + "\n")
+        with replacing(meta) as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
     except OSError as exc:
         raise ModelError(f"{weights.parent}: cannot write the model there ({exc.strerror or exc})") from exc
     return weights
@@ -92,8 +122,9 @@ def load_model(
     preprocess: Preprocess | None = None,
     device: str | torch.device = "cpu",
     arch: str | None = None,
-    allow_pickle: bool = False,
+    allow_code: bool = False,
     input_shape: tuple[int, int, int] | None = None,
+    allow_pickle: bool = False,
 ) -> Classifier:
     """Load a model file of any supported format as a :class:`Classifier`.
 
@@ -119,9 +150,11 @@ def load_model(
             nothing is recorded; Neural Cleanse's Keras models need ``"raw"``).
         device: where to put the model.
         arch: architecture of a plain ``state_dict`` file (other formats say their own).
-        allow_pickle: allow unpickling a full pickled model (runs code from the file: only for
-            trusted files). Off by default.
+        allow_code: allow a file to run its own code: unpickle a full pickled model, and run a
+            TorchScript archive without checking its operators (only for trusted files). Off
+            by default.
         input_shape: (C, H, W), for files that do not record it (TorchScript, pickled modules).
+        allow_pickle: the former name of ``allow_code`` (still accepted).
 
     Raises:
         ModelError: one line naming the file and the problem (missing, corrupt or truncated,
@@ -157,7 +190,7 @@ def load_model(
                 penultimate_layer=converted.penultimate_layer,
             )
         elif suffix in TORCH_SUFFIXES:
-            classifier = _load_torch(p, meta, preprocess, arch, allow_pickle, input_shape)
+            classifier = _load_torch(p, meta, preprocess, arch, allow_code or allow_pickle, input_shape)
         else:
             known = ", ".join((".safetensors", *KERAS_SUFFIXES, *ONNX_SUFFIXES, *TORCH_SUFFIXES))
             raise ModelError(f"{p}: unsupported model format {p.suffix!r}; deepdot reads {known} and folders")
@@ -231,32 +264,24 @@ def _load_torch(
     meta: dict[str, Any],
     preprocess: Preprocess | None,
     arch: str | None,
-    allow_pickle: bool,
+    allow_code: bool,
     input_shape: tuple[int, int, int] | None,
 ) -> Classifier:
     """A TorchScript archive, a ``state_dict`` (``weights_only=True``), or — opted in — a pickle."""
     if _is_torchscript(path):
-        extra = {"model.json": ""}
-        try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_first_line(exc)})") from exc
-        embedded: dict[str, Any] = {}
-        if extra["model.json"]:
-            try:
-                embedded = json.loads(extra["model.json"])
-            except json.JSONDecodeError as exc:
-                raise ModelError(f"{path}: its embedded model.json is not valid JSON ({exc})") from exc
+        from deepdot.io.torchscript import load_torchscript
+
+        module, embedded = load_torchscript(path, allow_code=allow_code)
         return _wrap(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
             raise ModelError(f"{path}: corrupt, truncated or not a PyTorch file ({_first_line(exc)})") from exc
-        if not allow_pickle:
+        if not allow_code:
             raise ModelError(
                 f"{path}: refused: the file holds pickled Python objects (such as a whole nn.Module) and "
-                "unpickling them can run any code; if you trust the file, pass --allow-pickle, otherwise "
+                "unpickling them can run any code; if you trust the file, pass --allow-code, otherwise "
                 "ask for a state_dict, TorchScript, ONNX or safetensors file"
             ) from exc
         obj = _load_trusted_pickle(path)
@@ -270,7 +295,7 @@ def _load_torch(
 
 
 def _load_trusted_pickle(path: Path) -> Any:
-    """Unpickle a file the user has vouched for (``allow_pickle=True``): this may run its code."""
+    """Unpickle a file the user has vouched for (``allow_code=True``): this may run its code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:

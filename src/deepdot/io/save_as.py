@@ -199,7 +199,8 @@ def save_model_as(
         else:
             raise ModelError(f"{path}: unknown model format {fmt.kind!r}; deepdot writes {', '.join(SAVE_KINDS)}")
         side = path.with_suffix(".json")
-        side.write_text(json.dumps(meta, indent=2) + "\n")
+        with replacing(side) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
     except DeepdotError:
         raise
     except OSError as exc:

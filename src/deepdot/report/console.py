@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from deepdot.progress import ProgressEvent
 from deepdot.scan.result import ScanResult
@@ -110,6 +112,9 @@ def print_scan(console: Console, result: ScanResult, model: str) -> None:
     console.print(
         f"{result.image_passes:,} image passes in {result.seconds:.1f} s; clean accuracy on the scan data {result.clean_accuracy:.1%}"
     )
+    for warning in result.warnings:
+        console.print(Text.assemble(("warning:", "bold yellow"), " ", warning))
+    model = escape(model)
     if result.infected:
         console.print(
             f"[bold red]BACKDOOR FOUND[/] in {model}: target label(s) {', '.join(map(str, o.flagged))} "

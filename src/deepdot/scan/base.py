@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -55,26 +56,70 @@ def check_clean_accuracy(classifier: Classifier, data: ImageData, minimum: float
     return acc
 
 
+#: below this many clean images, or this many per label, a verdict is flagged as shaky
+SHAKY_IMAGES, SHAKY_PER_LABEL = 200, 5
+
+
+def small_data_warnings(data: ImageData, num_classes: int) -> tuple[str, ...]:
+    """Why a scan on ``data`` may be unreliable (empty when the data is ample)."""
+    found = []
+    if len(data) < SHAKY_IMAGES:
+        found.append(f"only {len(data)} clean images (fewer than {SHAKY_IMAGES}): the verdict may be shaky")
+    per_label = torch.bincount(data.y, minlength=num_classes)
+    thin = int((per_label < SHAKY_PER_LABEL).sum())
+    if thin:
+        found.append(
+            f"{thin} of {num_classes} labels have fewer than {SHAKY_PER_LABEL} clean images: the accuracy check "
+            "cannot tell whether the model knows them"
+        )
+    return tuple(found)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TriggerScanner:
     """Base of the Neural Cleanse scanners. Subclasses implement :meth:`_reverse`.
 
     Common settings:
         attack_success_threshold: a trigger counts once it sends this share of images to the label.
+        min_images: fewest clean images a scan accepts. With a handful of images any small
+            trigger fools "99 %" of them and the accuracy check means nothing: a scan of one
+            image called a backdoored model clean. Below :data:`SHAKY_IMAGES` (or fewer than
+            :data:`SHAKY_PER_LABEL` per label) the result carries a warning.
         anomaly_threshold: anomaly index above which a label is flagged (Neural Cleanse: 2).
         min_clean_accuracy: sanity check before scanning (see :func:`check_clean_accuracy`).
         seed: makes every label's initialisation and batches repeatable (independent of order).
     """
 
     attack_success_threshold: float = 0.99
+    min_images: int = 50
     anomaly_threshold: float = DEFAULT_THRESHOLD
     min_clean_accuracy: float = 0.5
     seed: int = 0
 
     mode = "base"
+    #: whether a label's result is independent of the other labels scanned with it, so that the
+    #: labels an interrupted scan finished can be combined with labels scanned afresh
+    labels_independent: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.min_images < 1:
+            raise DeepdotError(f"min_images must be at least 1, got {self.min_images}")
 
     def settings(self) -> dict:
         return {"mode": self.mode, **asdict(self)}
+
+    def reusable(self, done: Mapping[int, LabelTrigger], labels: Iterable[int]) -> dict[int, LabelTrigger]:
+        """The labels of ``done`` (e.g. from a checkpoint) that a scan of ``labels`` may reuse.
+
+        All of them when labels are scanned independently; otherwise only a complete set: a
+        scanner that optimises labels jointly would give the labels it scans afresh other
+        results than in the joint run, and the verdict could change.
+        """
+        wanted = set(labels)
+        kept = {v: item for v, item in done.items() if v in wanted}
+        if not self.labels_independent and set(kept) != wanted:
+            return {}
+        return kept
 
     def scan(
         self,
@@ -94,7 +139,8 @@ class TriggerScanner:
             data: clean images (labels are used only for the sanity check).
             labels: the candidate target labels (default: all).
             suspected: labels to scan first (order only; no effect on the result).
-            done: labels already reverse-engineered (e.g. from a checkpoint): reused, not rerun.
+            done: labels already reverse-engineered (e.g. from a checkpoint): reused, not rerun,
+                as far as :meth:`reusable` allows.
             on_label: called with each newly finished label (the CLI checkpoints there).
             progress: progress callback.
         """
@@ -110,9 +156,15 @@ class TriggerScanner:
             raise DeepdotError(f"labels {bad} are outside the model's 0..{k - 1}")
         if len(chosen) < 3:
             raise DeepdotError("the outlier test needs at least 3 labels to scan")
+        if len(data) < self.min_images:
+            raise DeepdotError(
+                f"{data.name}: only {len(data)} clean image(s); a scan needs at least {self.min_images} for its verdict "
+                f"to mean anything (a few hundred, from every label, is better)"
+            )
+        warnings = small_data_warnings(data, k)
         accuracy = check_clean_accuracy(classifier, data, self.min_clean_accuracy)
         order = [v for v in suspected if v in chosen] + [v for v in chosen if v not in suspected]
-        previous = dict(done or {})
+        previous = self.reusable(done or {}, chosen)
         todo = [v for v in order if v not in previous]
         start, cpu_start = time.perf_counter(), time.process_time()
         found: dict[int, LabelTrigger] = {v: previous[v] for v in order if v in previous}
@@ -132,6 +184,7 @@ class TriggerScanner:
             mode=self.mode,
             settings=self.settings(),
             cpu_seconds=sum(t.cpu_seconds for t in results if t.label in previous) + time.process_time() - cpu_start,
+            warnings=warnings,
         )
 
     def _reverse(

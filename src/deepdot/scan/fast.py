@@ -99,10 +99,19 @@ class FastNeuralCleanse(TriggerScanner):
     max_images_per_pass: int = 128
 
     mode = "fast"
+    # Images per step and the drop rule depend on the set of labels optimised together, so a
+    # label redone on its own after an interruption would not get its joint-run result.
+    labels_independent = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or (self.images_per_step or 1) < 1 or self.warmup_steps < 0:
-            raise DeepdotError("steps >= 1, batch size >= 1 and warm-up steps >= 0 are required")
+        super().__post_init__()
+        if (
+            self.steps < 1
+            or self.batch_size < 1
+            or (self.images_per_step is not None and self.images_per_step < 1)
+            or self.warmup_steps < 0
+        ):
+            raise DeepdotError("steps >= 1, batch size >= 1, images per step >= 1 and warm-up steps >= 0 are required")
         if self.smoothing_steps < 1 or not 0 < self.early_stop_threshold <= 1:
             raise DeepdotError("smoothing_steps >= 1 and an early-stop threshold in (0, 1] are required")
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:

@@ -112,6 +112,7 @@ class NeuralCleanse(TriggerScanner):
     mode = "faithful"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1 or self.batch_size < 1 or self.samples_per_step < self.batch_size:
             raise DeepdotError("steps >= 1, batch size >= 1 and samples per step >= batch size are required")
         if self.lr <= 0 or self.init_cost <= 0 or self.cost_multiplier <= 1 or self.patience < 1:

@@ -65,6 +65,8 @@ class ScanResult:
     mode: str
     settings: dict[str, Any] = field(default_factory=dict)
     cpu_seconds: float = 0.0
+    #: why the verdict may be shaky (e.g. few clean images); empty when there is nothing to say
+    warnings: tuple[str, ...] = ()
 
     @property
     def infected(self) -> bool:
@@ -93,6 +95,7 @@ class ScanResult:
             "image_passes": self.image_passes,
             "labels": [{**t.to_dict(), "anomaly_index": by_label[t.label]} for t in self.labels],
             "settings": self.settings,
+            "warnings": list(self.warnings),
         }
 
 
