@@ -107,6 +107,9 @@ def to_nchw_unit(array: np.ndarray, source: str) -> torch.Tensor:
 
     Float input is taken as [0, 1] if its maximum is <= 1, else as 0-255. Channels-first is
     assumed when the second axis has 1 or 3 entries and the last does not.
+
+    Memory: one float32 copy of the input (scaled in place), so a reader that has checked
+    "raw array + 4 bytes per value" against its limit has bounded the peak.
     """
     a = np.asarray(array)
     if a.ndim == 3:
@@ -120,21 +123,23 @@ def to_nchw_unit(array: np.ndarray, source: str) -> torch.Tensor:
     if a.shape[1] == 4:  # drop alpha
         a = a[:, :3]
     if a.dtype == np.uint8:
-        out = a.astype(np.float32) / 255.0
+        out = np.array(a, dtype=np.float32, order="C")
+        out /= 255.0
     elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer):
-        out = a.astype(np.float32)
-        if not np.isfinite(out).all():
+        with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: Inf, refused below
+            out = np.array(a, dtype=np.float32, order="C")  # always a copy: scaled in place below
+        lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # min and max carry any NaN and show ±Inf
             raise DataError(f"{source}: images contain NaN or Inf")
-        hi = float(out.max()) if out.size else 0.0
-        if out.size and float(out.min()) < 0:
+        if lo < 0:
             raise DataError(f"{source}: negative pixel values; expected [0,1] or 0-255 images")
         if hi > 255.0:
             raise DataError(f"{source}: pixel values up to {hi:g}; expected [0,1] or 0-255 images")
         if hi > 1.0:
-            out = out / 255.0
+            out /= 255.0
     else:
         raise DataError(f"{source}: unsupported image dtype {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return torch.from_numpy(out)
 
 
 def to_labels(array: np.ndarray, source: str) -> torch.Tensor:
@@ -149,6 +154,8 @@ def to_labels(array: np.ndarray, source: str) -> torch.Tensor:
     if np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
             raise DataError(f"{source}: labels are not whole numbers")
+        if a.size and (a.min() < 0 or a.max() >= 2**31):  # before the cast, which would wrap them
+            raise DataError(f"{source}: labels range over {a.min():g}..{a.max():g}; expected class numbers from 0")
     elif not np.issubdtype(a.dtype, np.integer):
         raise DataError(f"{source}: labels have unsupported dtype {a.dtype}")
     return torch.from_numpy(a.astype(np.int64))

@@ -81,17 +81,18 @@ def save_png(path: str | Path, t: torch.Tensor) -> Path:
 
 
 def read_png(path: str | Path, mode: str) -> torch.Tensor:
-    """A PNG as a float [0,1] tensor: H×W for mode 'L', C×H×W for 'RGB'."""
-    from PIL import Image, UnidentifiedImageError
+    """A PNG as a float [0,1] tensor: H×W for mode 'L', C×H×W for 'RGB'.
+
+    The image's declared size is checked before it is decoded (a tiny file can declare
+    20 000 × 20 000 pixels), and anything a corrupt file raises ends as one line.
+    """
+    from deepdot.io.data import open_image
 
     p = Path(path)
-    try:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except FileNotFoundError as exc:
-        raise DeepdotError(f"{p}: no such file") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DeepdotError(f"{p}: not a readable image ({exc})") from exc
+    if not p.is_file():
+        raise DeepdotError(f"{p}: no such file")
+    with open_image(p, DeepdotError) as im:
+        a = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     t = torch.from_numpy(a.copy())
     return t if mode == "L" else t.permute(2, 0, 1).contiguous()
 
@@ -114,18 +115,15 @@ def save_trigger(trigger: Trigger, path: str | Path) -> Path:
 def load_trigger(path: str | Path, image_shape: tuple[int, int, int] | None = None) -> Trigger:
     """Read a trigger: an ``.npz`` with ``mask``/``pattern``; a folder with ``mask.png`` and
     ``pattern.png``; or a ``*mask*.png`` whose pattern is the same name with ``pattern`` (the
-    Neural Cleanse reference files, e.g. ``gtsrb_mask.png`` + ``gtsrb_pattern.png``)."""
+    Neural Cleanse reference files, e.g. ``gtsrb_mask.png`` + ``gtsrb_pattern.png``).
+
+    Trigger files are input like data files: sizes are checked from headers before reading,
+    and a corrupt or inconsistent file ends as one line naming it."""
     p = Path(path).expanduser()
     if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as f:
-                trigger = Trigger(
-                    torch.from_numpy(f["mask"].astype(np.float32)), torch.from_numpy(f["pattern"].astype(np.float32))
-                )
-        except FileNotFoundError as exc:
-            raise DeepdotError(f"{p}: no such file") from exc
-        except (OSError, KeyError, ValueError) as exc:
-            raise DeepdotError(f"{p}: not a trigger file (needs arrays 'mask' and 'pattern'): {exc}") from exc
+        if not p.is_file():
+            raise DeepdotError(f"{p}: no such file")
+        mask, pattern = _read_trigger_npz(p)
     else:
         if p.is_dir():
             mask_path, pattern_path = p / "mask.png", p / "pattern.png"
@@ -136,7 +134,38 @@ def load_trigger(path: str | Path, image_shape: tuple[int, int, int] | None = No
         channels = image_shape[0] if image_shape else 3
         mask = read_png(mask_path, "L")
         pattern = read_png(pattern_path, "L")[None] if channels == 1 else read_png(pattern_path, "RGB")
+    try:
         trigger = Trigger(mask, pattern)
+    except DeepdotError as exc:  # the constructor's message does not name the file
+        raise DeepdotError(f"{p}: {exc}") from exc
     if image_shape is not None and tuple(trigger.mask.shape) != tuple(image_shape[1:]):
         raise DeepdotError(f"{p}: trigger is {tuple(trigger.mask.shape)} but the images are {tuple(image_shape[1:])}")
     return trigger
+
+
+def _read_trigger_npz(p: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask`` (H×W) and ``pattern`` (C×H×W) of a trigger ``.npz``: shapes, dtypes and sizes are
+    checked from the array headers before any data is decompressed."""
+    import math
+    import zipfile
+
+    from deepdot.io.data import FLOAT32, NpzArrays, reading
+    from deepdot.io.limits import DATA_BYTES, IMAGE_PIXELS
+
+    with reading(p, "trigger .npz file", DeepdotError), zipfile.ZipFile(p) as archive:
+        npz = NpzArrays(archive, p)
+        if not {"mask", "pattern"} <= npz.keys:
+            raise DeepdotError(f"{p}: a trigger file needs arrays 'mask' and 'pattern'; it has {sorted(npz.keys)}")
+        (mask_shape, mask_dtype), (pattern_shape, pattern_dtype) = npz.header("mask"), npz.header("pattern")
+        if mask_dtype.kind not in "uif" or pattern_dtype.kind not in "uif":
+            raise DeepdotError(f"{p}: trigger mask and pattern must be numbers, got {mask_dtype} and {pattern_dtype}")
+        if len(mask_shape) != 2 or len(pattern_shape) != 3 or mask_shape != pattern_shape[1:]:
+            raise DeepdotError(
+                f"{p}: trigger mask must be H×W and pattern C×H×W of one size, got {mask_shape} and {pattern_shape}"
+            )
+        IMAGE_PIXELS.check(math.prod(mask_shape), f"{p}: a trigger of {mask_shape[0]}x{mask_shape[1]}", DeepdotError)
+        raw = math.prod(mask_shape) * mask_dtype.itemsize + math.prod(pattern_shape) * pattern_dtype.itemsize
+        values = math.prod(mask_shape) + math.prod(pattern_shape)
+        DATA_BYTES.check(raw + values * FLOAT32, f"{p}: a trigger of shape {pattern_shape}", DeepdotError)
+        mask, pattern = npz.array("mask"), npz.array("pattern")
+    return torch.from_numpy(mask.astype(np.float32)), torch.from_numpy(pattern.astype(np.float32))
