@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +22,9 @@ def ensure_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".deepdot-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".deepdot-write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise DeepdotError(f"{p}: cannot write to this output folder ({exc.strerror or exc})") from exc
     return p
@@ -31,8 +33,15 @@ def ensure_dir(path: str | Path) -> Path:
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it once written (never half a file): write
-    to the path this yields; on an error the temporary file is removed and ``path`` is untouched."""
-    tmp = path.with_name(f".{path.name}.partial")
+    to the path this yields; on an error the temporary file is removed and ``path`` is untouched.
+
+    Every file deepdot writes goes through here. The temporary file is new (created exclusively,
+    under a random name) and the rename replaces ``path`` itself, so a symlink planted in the
+    output folder is replaced, never followed to overwrite its target.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         tmp.replace(path)
@@ -42,10 +51,9 @@ def replacing(path: Path) -> Iterator[Path]:
 
 def write_json(path: str | Path, data: Any) -> Path:
     p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(p)  # atomic: an interrupted run never leaves half a JSON file
+        with replacing(p) as tmp:  # atomic: an interrupted run never leaves half a JSON file
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     except OSError as exc:
         raise DeepdotError(f"{p}: cannot write ({exc.strerror or exc})") from exc
     return p
@@ -57,7 +65,7 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise DeepdotError(f"{p}: no such file") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DeepdotError(f"{p}: not readable JSON ({exc})") from exc
 
 
@@ -74,7 +82,8 @@ def save_png(path: str | Path, t: torch.Tensor) -> Path:
 
     p = Path(path)
     try:
-        Image.fromarray(to_uint8_image(t)).save(p)
+        with replacing(p) as tmp:
+            Image.fromarray(to_uint8_image(t)).save(tmp, format="PNG")
     except OSError as exc:
         raise DeepdotError(f"{p}: cannot write image ({exc})") from exc
     return p
@@ -102,7 +111,8 @@ def save_trigger(trigger: Trigger, path: str | Path) -> Path:
     p = Path(path)
     if p.suffix == ".npz":
         try:
-            np.savez(p, mask=trigger.mask.numpy(), pattern=trigger.pattern.numpy())
+            with replacing(p) as tmp, open(tmp, "wb") as f:
+                np.savez(f, mask=trigger.mask.numpy(), pattern=trigger.pattern.numpy())
         except OSError as exc:
             raise DeepdotError(f"{p}: cannot write ({exc.strerror or exc})") from exc
         return p

@@ -11,7 +11,7 @@ without touching code:
 =============================  =====================================  =========================
 variable                       what it bounds                          default
 =============================  =====================================  =========================
-``DEEPDOT_MAX_DATA_MB``        one data set's decoded arrays           4096 (4 GiB)
+``DEEPDOT_MAX_DATA_MB``        one data set's decoded arrays           2048 (2 GiB)
 ``DEEPDOT_MAX_IMAGE_PIXELS``   one image file's width × height         16 777 216 (4096 × 4096)
 ``DEEPDOT_MAX_MODEL_MB``       a model archive's unpacked contents     4096 (4 GiB)
 =============================  =====================================  =========================
@@ -57,6 +57,6 @@ class Limit:
             )
 
 
-DATA_BYTES = Limit("DEEPDOT_MAX_DATA_MB", 4096, "MB")
+DATA_BYTES = Limit("DEEPDOT_MAX_DATA_MB", 2048, "MB")  # GTSRB's test set decodes to 155 MB
 IMAGE_PIXELS = Limit("DEEPDOT_MAX_IMAGE_PIXELS", 4096 * 4096, "pixels")
 MODEL_BYTES = Limit("DEEPDOT_MAX_MODEL_MB", 4096, "MB")

@@ -133,5 +133,5 @@ def print_figures(console: Console, title: str, figures: dict[str, Any]) -> None
     for k, v in figures.items():
         if isinstance(v, (list, dict)):
             continue
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        table.add_row(k, Text(f"{v:.4f}" if isinstance(v, float) else str(v)))  # Text: paths may hold [brackets]
     console.print(table)
