@@ -3,6 +3,7 @@ sanity check, label order, reuse of labels already done (resume), and the outlie
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from deepdot.data import ImageData
 from deepdot.errors import DeepdotError
@@ -56,6 +58,29 @@ def check_clean_accuracy(classifier: Classifier, data: ImageData, minimum: float
     return acc
 
 
+CROSS_ENTROPY, REFERENCE_CODE = "cross-entropy", "reference-code"
+LOSSES = (CROSS_ENTROPY, REFERENCE_CODE)
+_KERAS_EPSILON = 1e-7
+
+
+def trigger_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-image loss of stamped images (N×classes logits) towards ``target`` (N labels).
+
+    ``cross-entropy`` is the paper's objective. ``reference-code`` is what the Neural Cleanse
+    reference code computes: Keras ``categorical_crossentropy(output, y_true)`` with its two
+    arguments swapped, i.e. the one-hot label (clipped to [1e-7, 1 - 1e-7]) scored against the
+    model's probabilities, which equals ``-log(1e-7) · (1 - p_target) ≈ 16.12 · (1 - p_target)``
+    up to a 1e-7 term. It is bounded and flat where the trigger already works; offered so that
+    the reference's numbers can be reproduced exactly.
+    """
+    if kind == CROSS_ENTROPY:
+        return F.cross_entropy(logits, target, reduction="none")
+    if kind == REFERENCE_CODE:
+        p_target = torch.softmax(logits, 1).gather(1, target[:, None])[:, 0]
+        return -(p_target * math.log(1 - _KERAS_EPSILON) + (1 - p_target) * math.log(_KERAS_EPSILON))
+    raise DeepdotError(f"unknown loss {kind!r}; choose {' or '.join(LOSSES)}")
+
+
 #: below this many clean images, or this many per label, a verdict is flagged as shaky
 SHAKY_IMAGES, SHAKY_PER_LABEL = 200, 5
 
@@ -81,6 +106,8 @@ class TriggerScanner:
 
     Common settings:
         attack_success_threshold: a trigger counts once it sends this share of images to the label.
+        loss: the objective's classification term: ``cross-entropy`` (the paper's) or
+            ``reference-code`` (what the reference code computes, see :func:`trigger_loss`).
         min_images: fewest clean images a scan accepts. With a handful of images any small
             trigger fools "99 %" of them and the accuracy check means nothing: a scan of one
             image called a backdoored model clean. Below :data:`SHAKY_IMAGES` (or fewer than
@@ -92,6 +119,7 @@ class TriggerScanner:
 
     attack_success_threshold: float = 0.99
     min_images: int = 50
+    loss: str = CROSS_ENTROPY
     anomaly_threshold: float = DEFAULT_THRESHOLD
     min_clean_accuracy: float = 0.5
     seed: int = 0
@@ -104,6 +132,8 @@ class TriggerScanner:
     def __post_init__(self) -> None:
         if self.min_images < 1:
             raise DeepdotError(f"min_images must be at least 1, got {self.min_images}")
+        if self.loss not in LOSSES:
+            raise DeepdotError(f"unknown loss {self.loss!r}; choose {' or '.join(LOSSES)}")
 
     def settings(self) -> dict:
         return {"mode": self.mode, **asdict(self)}

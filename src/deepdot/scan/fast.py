@@ -34,15 +34,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from deepdot.errors import DeepdotError
 from deepdot.models import Classifier
 from deepdot.progress import ProgressEvent, ProgressFn
-from deepdot.scan.base import TriggerScanner, from_tanh_space, label_generator, to_tanh_space
+from deepdot.scan.base import TriggerScanner, from_tanh_space, label_generator, to_tanh_space, trigger_loss
 from deepdot.scan.neural_cleanse import BatchStream
 from deepdot.scan.outliers import mad
 from deepdot.scan.result import LabelTrigger
+from deepdot.scan.schedule import BestTrigger, CostSchedule, EarlyStop
 from deepdot.triggers import Trigger
 
 
@@ -147,26 +147,19 @@ class FastNeuralCleanse(TriggerScanner):
         stream = BatchStream(x, batch, label_generator(self.seed, -1))
         target = torch.tensor(labels, device=device)
 
+        # the shared bookkeeping (scan/schedule.py), a row per label
         thr = self.attack_success_threshold
-        cost = torch.zeros(k, device=device)
-        set_c = torch.zeros(k, dtype=torch.long, device=device)
-        up_c, down_c = torch.zeros_like(set_c), torch.zeros_like(set_c)
-        up_f = torch.zeros(k, dtype=torch.bool, device=device)
-        down_f = torch.zeros_like(up_f)
-        best_reg = torch.full((k,), math.inf, device=device)
-        best_success = torch.zeros(k, device=device)
-        best_mask = torch.zeros(k, h, w, device=device)
-        best_pattern = torch.zeros(k, c, h, w, device=device)
-        stop_best = torch.full((k,), math.inf, device=device)
-        stop_c = torch.zeros_like(set_c)
+        schedule = CostSchedule(
+            k, init_cost=self.init_cost, patience=self.patience, multiplier=self.cost_multiplier, threshold=thr,
+            device=device,
+        )  # fmt: skip
+        best = BestTrigger(k, (c, h, w), threshold=thr, smoothing=self.smoothing_steps, device=device)
+        stop = EarlyStop(k, threshold=self.early_stop_threshold, patience=self.early_stop_patience, device=device)
         last_reg = torch.zeros(k, device=device)
         last_success = torch.zeros(k, device=device)
-        # each label's success and L1 over its last `smoothing_steps` steps (a ring per label)
-        recent_success = torch.zeros(k, self.smoothing_steps, device=device)
-        recent_reg = torch.zeros(k, self.smoothing_steps, device=device)
         active = torch.ones(k, dtype=torch.bool, device=device)
-        steps_run = torch.zeros_like(set_c)
-        passes = torch.zeros_like(set_c)
+        steps_run = torch.zeros(k, dtype=torch.long, device=device)
+        passes = torch.zeros_like(steps_run)
         finished: set[int] = set()
 
         for step in range(self.steps):
@@ -187,9 +180,9 @@ class FastNeuralCleanse(TriggerScanner):
                     stamped = (1 - mask[:, None, None]) * xb[None] + mask[:, None, None] * pattern[:, None]
                     logits = classifier(stamped.reshape(-1, c, h, w))
                     goal = target[rows].repeat_interleave(len(xb))
-                    ce = F.cross_entropy(logits, goal, reduction="none").view(len(rows), len(xb)).mean(1)
+                    ce = trigger_loss(logits, goal, self.loss).view(len(rows), len(xb)).mean(1)
                     reg = mask.sum((1, 2))
-                    (ce + cost[rows] * reg).sum().backward()
+                    (ce + schedule.cost[rows] * reg).sum().backward()
                     grads_m.append(m_leaf.grad)
                     grads_p.append(p_leaf.grad)
                     hits = (logits.argmax(1) == goal).float().view(len(rows), len(xb)).mean(1)
@@ -203,55 +196,16 @@ class FastNeuralCleanse(TriggerScanner):
             # best-mask bookkeeping: as the reference, keep the mask after a step whose average
             # success reached the threshold with a smaller average L1 -- averaged over the
             # label's last `smoothing_steps` steps, as the reference averages over one big step
-            slot = (steps_run[idx] - 1) % self.smoothing_steps
-            recent_success[idx, slot], recent_reg[idx, slot] = success, reg_now
-            seen = steps_run[idx].clamp(max=self.smoothing_steps)
-            success_avg = recent_success[idx].sum(1) / seen
-            reg_avg = recent_reg[idx].sum(1) / seen
-            better = (success_avg >= thr) & (reg_avg < best_reg[idx])
-            if better.any():
-                rows = idx[better]
-                best_reg[rows] = reg_avg[better]
-                best_success[rows] = success_avg[better]
-                best_mask[rows] = from_tanh_space(mask_t[rows])
-                best_pattern[rows] = from_tanh_space(pattern_t[rows])
-
-            # early stopping (reference rule, per label)
-            valid = best_reg[idx] < math.inf
-            no_gain = best_reg[idx] >= self.early_stop_threshold * stop_best[idx]
-            stop_c[idx] = torch.where(
-                valid, torch.where(no_gain, stop_c[idx] + 1, torch.zeros_like(stop_c[idx])), stop_c[idx]
-            )
-            stop_best[idx] = torch.minimum(stop_best[idx], best_reg[idx])
-            done = up_f[idx] & down_f[idx] & (stop_c[idx] >= (self.early_stop_patience or self.steps + 1))
-
-            # cost schedule (reference rule, per label)
-            cost_before = cost[idx].clone()
-            ok = success >= thr
-            c_idx = cost[idx]
-            arm = (c_idx == 0) & ok
-            set_c[idx] = torch.where(arm, set_c[idx] + 1, torch.zeros_like(set_c[idx]))
-            fire = arm & (set_c[idx] >= self.patience)
-            c_idx = torch.where(fire, torch.full_like(c_idx, self.init_cost), c_idx)
-            up_i = torch.where(fire, torch.zeros_like(up_c[idx]), up_c[idx])
-            down_i = torch.where(fire, torch.zeros_like(down_c[idx]), down_c[idx])
-            up_fi = up_f[idx] & ~fire
-            down_fi = down_f[idx] & ~fire
-            up_i = torch.where(ok, up_i + 1, torch.zeros_like(up_i))
-            down_i = torch.where(ok, torch.zeros_like(down_i), down_i + 1)
-            raise_ = up_i >= self.patience
-            lower = ~raise_ & (down_i >= self.patience)
-            c_idx = torch.where(raise_, c_idx * self.cost_multiplier, c_idx)
-            c_idx = torch.where(lower, c_idx / self.cost_multiplier**1.5, c_idx)
-            up_i = torch.where(raise_, torch.zeros_like(up_i), up_i)
-            down_i = torch.where(lower, torch.zeros_like(down_i), down_i)
-            cost[idx], up_c[idx], down_c[idx] = c_idx, up_i, down_i
-            up_f[idx], down_f[idx] = up_fi | raise_, down_fi | lower
+            with torch.no_grad():
+                best.record(idx, success, reg_now, from_tanh_space(mask_t[idx]), from_tanh_space(pattern_t[idx]))
+            done = stop.update(idx, best, schedule)  # the reference's order: stop, then move the cost
+            cost_before = schedule.cost[idx].clone()
+            schedule.update(idx, success)
             # a label stopped this step keeps the flags it had when it stopped
             active[idx[done]] = False
 
             if step + 1 >= self.warmup_steps and (step + 1 - self.warmup_steps) % 10 == 0:
-                active &= ~self._drop(best_reg, last_reg, active)
+                active &= ~self._drop(best.reg, last_reg, active)
 
             progress(
                 ProgressEvent(
@@ -278,9 +232,9 @@ class FastNeuralCleanse(TriggerScanner):
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         total_passes = max(1, int(passes.sum()))
         for i, label in enumerate(labels):
-            reached = bool(best_reg[i] < math.inf)
+            reached = bool(best.found[i])
             if reached:
-                mask, pattern, success_i = best_mask[i], best_pattern[i], float(best_success[i])
+                mask, pattern, success_i = best.mask[i], best.pattern[i], float(best.success[i])
             else:  # never worked: keep the last trigger (its L1 is an upper bound)
                 mask, pattern = from_tanh_space(mask_t[i]), from_tanh_space(pattern_t[i])
                 success_i = float(last_success[i])

@@ -9,7 +9,6 @@ early stopping (see ``DESIGN.md``, "Neural Cleanse, exactly"). Labels run one af
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,16 @@ import torch.nn.functional as F
 from deepdot.errors import DeepdotError
 from deepdot.models import Classifier
 from deepdot.progress import ProgressEvent, ProgressFn
-from deepdot.scan.base import TriggerScanner, from_tanh_space, label_generator, to_tanh_space
+from deepdot.scan.base import (
+    CROSS_ENTROPY,
+    TriggerScanner,
+    from_tanh_space,
+    label_generator,
+    to_tanh_space,
+    trigger_loss,
+)
 from deepdot.scan.result import LabelTrigger
+from deepdot.scan.schedule import BestTrigger, CostSchedule, EarlyStop
 from deepdot.triggers import Trigger
 
 
@@ -42,42 +49,6 @@ class BatchStream:
         idx = self._perm[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return self.x[idx]
-
-
-class _Schedule:
-    """Mutable state of the reference cost schedule for one label (kept private: results are frozen)."""
-
-    def __init__(self, init_cost: float, patience: int, multiplier: float, threshold: float) -> None:
-        self.init_cost, self.patience, self.threshold = init_cost, patience, threshold
-        self.up, self.down = multiplier, multiplier**1.5
-        self.cost = 0.0
-        self.set_counter = self.up_counter = self.down_counter = 0
-        self.up_flag = self.down_flag = False
-
-    def update(self, success: float) -> None:
-        ok = success >= self.threshold
-        if self.cost == 0 and ok:
-            self.set_counter += 1
-            if self.set_counter >= self.patience:
-                self.cost = self.init_cost
-                self.up_counter = self.down_counter = 0
-                self.up_flag = self.down_flag = False
-        else:
-            self.set_counter = 0
-        if ok:
-            self.up_counter += 1
-            self.down_counter = 0
-        else:
-            self.up_counter = 0
-            self.down_counter += 1
-        if self.up_counter >= self.patience:
-            self.up_counter = 0
-            self.cost *= self.up
-            self.up_flag = True
-        elif self.down_counter >= self.patience:
-            self.down_counter = 0
-            self.cost /= self.down
-            self.down_flag = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,21 +114,35 @@ class NeuralCleanse(TriggerScanner):
         stream = BatchStream(x, self.batch_size, gen)
         mini_batches = self.samples_per_step // self.batch_size
         target = torch.full((self.batch_size,), label, dtype=torch.long, device=device)
-        schedule = _Schedule(self.init_cost, self.patience, self.cost_multiplier, self.attack_success_threshold)
+        # the shared bookkeeping (scan/schedule.py) with one row, in double precision as the
+        # reference's Python floats
+        row, thr = torch.zeros(1, dtype=torch.long), self.attack_success_threshold
+        schedule = CostSchedule(
+            1, init_cost=self.init_cost, patience=self.patience, multiplier=self.cost_multiplier, threshold=thr,
+            dtype=torch.float64,
+        )  # fmt: skip
+        best = BestTrigger(1, (c, h, w), threshold=thr, dtype=torch.float64)
+        stop = EarlyStop(
+            1, threshold=self.early_stop_threshold, patience=self.early_stop_patience if self.early_stop else None,
+            dtype=torch.float64,
+        )  # fmt: skip
 
-        best_mask, best_pattern, best_reg, best_success = None, None, math.inf, 0.0
-        stop_best, stop_counter = math.inf, 0
         passes, steps_run, success = 0, 0, 0.0
         for step in range(self.steps):
+            cost = float(schedule.cost[0])
             ce_sum = reg_sum = acc_sum = 0.0
             for _ in range(mini_batches):
                 xb = stream.next().to(device)
                 mask = from_tanh_space(mask_t)
                 pattern = from_tanh_space(pattern_t)
                 logits = classifier((1 - mask) * xb + mask * pattern)
-                ce = F.cross_entropy(logits, target)
+                ce = (
+                    F.cross_entropy(logits, target)
+                    if self.loss == CROSS_ENTROPY
+                    else trigger_loss(logits, target, self.loss).mean()
+                )
                 reg = mask.sum()
-                loss = ce + schedule.cost * reg
+                loss = ce + cost * reg
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -167,35 +152,35 @@ class NeuralCleanse(TriggerScanner):
                 acc_sum += (logits.argmax(1) == label).float().mean().item()
             steps_run = step + 1
             success, reg_avg = acc_sum / mini_batches, reg_sum / mini_batches
-            if success >= self.attack_success_threshold and reg_avg < best_reg:
-                with torch.no_grad():
-                    best_mask = from_tanh_space(mask_t).detach().clone().cpu()
-                    best_pattern = from_tanh_space(pattern_t).detach().clone().cpu()
-                best_reg, best_success = reg_avg, success
-            if progress is not None:
-                progress(
-                    ProgressEvent(
-                        "step",
-                        steps_run,
-                        self.steps,
-                        {"label": label, "cost": schedule.cost, "success": success, "l1": reg_avg, "best_l1": best_reg},
-                    )
-                )
-            if self.early_stop:
-                if best_reg < math.inf:
-                    stop_counter = stop_counter + 1 if best_reg >= self.early_stop_threshold * stop_best else 0
-                stop_best = min(best_reg, stop_best)
-                if schedule.up_flag and schedule.down_flag and stop_counter >= self.early_stop_patience:
-                    break
-            schedule.update(success)
-
-        reached = best_mask is not None
-        if best_mask is None or best_pattern is None:  # never reached the threshold: keep the last trigger
             with torch.no_grad():
-                best_mask = from_tanh_space(mask_t).detach().clone().cpu()
-                best_pattern = from_tanh_space(pattern_t).detach().clone().cpu()
+                best.record(
+                    row,
+                    torch.tensor([success], dtype=torch.float64),
+                    torch.tensor([reg_avg], dtype=torch.float64),
+                    from_tanh_space(mask_t)[None],
+                    from_tanh_space(pattern_t)[None],
+                )
+            if progress is not None:
+                figures = {
+                    "label": label,
+                    "cost": cost,
+                    "success": success,
+                    "l1": reg_avg,
+                    "best_l1": float(best.reg[0]),
+                }
+                progress(ProgressEvent("step", steps_run, self.steps, figures))
+            if bool(stop.update(row, best, schedule)[0]):
+                break
+            schedule.update(row, torch.tensor([success], dtype=torch.float64))
+
+        reached = bool(best.found[0])
+        if reached:
+            best_mask, best_pattern, best_success = best.mask[0], best.pattern[0], float(best.success[0])
+        else:  # never reached the threshold: keep the last trigger
+            with torch.no_grad():
+                best_mask, best_pattern = from_tanh_space(mask_t).detach(), from_tanh_space(pattern_t).detach()
             best_success = success
-        trigger = Trigger(best_mask.clamp(0, 1), best_pattern.clamp(0, 1))
+        trigger = Trigger(best_mask.detach().cpu().clone().clamp(0, 1), best_pattern.detach().cpu().clone().clamp(0, 1))
         return LabelTrigger(
             label=label,
             trigger=trigger,
