@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +79,7 @@ class GraphNetwork(nn.Module):
         constants: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        _check_order(input_name, steps, output_name, layers, constants or {})
         self.input_name = input_name
         self.steps = list(steps)
         self.output_name = output_name
@@ -98,6 +100,31 @@ class GraphNetwork(nn.Module):
         return values[self.output_name]
 
 
+def _check_order(
+    input_name: str,
+    steps: Sequence[Step],
+    output_name: str,
+    layers: dict[str, nn.Module],
+    constants: dict[str, torch.Tensor],
+) -> None:
+    """Raise ValueError unless every step calls a known layer on tensors computed before it and
+    the output is computed: a graph read from a file may name tensors nothing produces, or be
+    out of order or cyclic, and must fail here rather than in the middle of a forward pass."""
+    available = {input_name, *constants}
+    for step in steps:
+        if step.layer not in layers:
+            raise ValueError(f"step {step.output!r} calls an unknown layer {step.layer!r}")
+        missing = [i for i in step.inputs if i not in available]
+        if missing:
+            raise ValueError(
+                f"layer {step.layer!r} reads tensor {missing[0]!r}, which nothing computes before it "
+                "(a missing tensor, or a graph out of order or with a cycle)"
+            )
+        available.add(step.output)
+    if output_name not in available:
+        raise ValueError(f"the output tensor {output_name!r} is never computed")
+
+
 def module_name(raw: str, taken: set[str] | dict[str, Any], fallback: str = "layer") -> str:
     """A valid, unused ``nn.Module`` attribute name derived from ``raw`` (e.g. ``/conv1/Conv``)."""
     name = re.sub(r"[^0-9A-Za-z_]", "_", raw.strip("/")).strip("_") or fallback
@@ -109,6 +136,45 @@ def module_name(raw: str, taken: set[str] | dict[str, Any], fallback: str = "lay
         n += 1
         candidate = f"{name}_{n}"
     return candidate
+
+
+# -- checks shared by the converters ------------------------------------------------------------
+#: Largest padding (pixels on one side) a converted layer may add: a corrupt or hostile file must
+#: not make a forward pass allocate gigabytes (real models pad by a few pixels).
+MAX_PADDING = 1024
+#: Largest number of input channels a converted model may declare.
+MAX_CHANNELS = 64
+
+
+def short_reason(exc: BaseException) -> str:
+    """``"TypeName: first line"`` of an exception, at most 200 characters, for one-line messages
+    (control characters, which a hostile file can put into names, are shown escaped)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    first = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in first)
+    return f"{type(exc).__name__}: {first}"[:200] if first else type(exc).__name__
+
+
+def check_padding(values: Sequence[Any], what: str) -> None:
+    """Raise ValueError unless every padding amount is a whole number in 0..MAX_PADDING."""
+    for value in values:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value <= MAX_PADDING:
+            raise ValueError(f"{what} pads by {value!r} pixels; deepdot accepts 0 to {MAX_PADDING}")
+
+
+def check_input_shape(path: Any, shape: Sequence[int] | None) -> None:
+    """Raise ModelError when a model declares input images too large to probe safely."""
+    from deepdot.errors import ModelError
+    from deepdot.io.limits import IMAGE_PIXELS
+
+    if shape is None:
+        return
+    c, h, w = (int(v) for v in shape)
+    if not 0 < c <= MAX_CHANNELS:
+        raise ModelError(f"{path}: the model declares {c} input channels; deepdot accepts 1 to {MAX_CHANNELS}")
+    if h <= 0 or w <= 0:
+        raise ModelError(f"{path}: the model declares input images of {h}×{w} pixels")
+    IMAGE_PIXELS.check(h * w, f"{path}: the model's {h}×{w} input images", ModelError)
 
 
 # -- layers that plain torch.nn does not offer -------------------------------------------------
@@ -177,15 +243,24 @@ class AnyRankBatchNorm(nn.BatchNorm2d):
 
 
 def batch_norm(gamma: Any, beta: Any, mean: Any, var: Any, eps: float) -> AnyRankBatchNorm:
-    """An eval-ready batch-norm layer holding the given statistics (array-likes of length C)."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-    bn = AnyRankBatchNorm(len(mean_t), eps=float(eps))
+    """An eval-ready batch-norm layer holding the given statistics (array-likes of length C).
+
+    Raises:
+        ValueError: the four statistics do not all hold C values, or ``eps`` is not positive.
+    """
+    values = [torch.as_tensor(v, dtype=torch.float32).flatten() for v in (gamma, beta, mean, var)]
+    sizes = [len(v) for v in values]
+    if len(set(sizes)) != 1 or sizes[0] == 0:
+        raise ValueError(f"batch norm statistics of different lengths (scale, offset, mean, variance: {sizes})")
+    if not float(eps) >= 0:
+        raise ValueError(f"batch norm epsilon {eps} is negative")
+    bn = AnyRankBatchNorm(sizes[0], eps=float(eps))
     with torch.no_grad():
-        bn.weight.copy_(torch.as_tensor(gamma, dtype=torch.float32).flatten())
-        bn.bias.copy_(torch.as_tensor(beta, dtype=torch.float32).flatten())
+        bn.weight.copy_(values[0])
+        bn.bias.copy_(values[1])
         assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats=True
-        bn.running_mean.copy_(mean_t)
-        bn.running_var.copy_(torch.as_tensor(var, dtype=torch.float32).flatten())
+        bn.running_mean.copy_(values[2])
+        bn.running_var.copy_(values[3])
     return bn
 
 
@@ -215,6 +290,16 @@ class SamePad2d(nn.Module):
     ) -> None:
         super().__init__()
         self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
+        if not len(self.kernel) == len(self.stride) == len(self.dilation) == 2:
+            raise ValueError(
+                f"'same' padding of a 2-D layer with kernel {kernel}, strides {stride}, dilations {dilation}"
+            )
+        for k, s, d in zip(self.kernel, self.stride, self.dilation, strict=True):
+            if not (0 < k and 0 < s <= MAX_PADDING and 0 < d and (k - 1) * d <= 2 * MAX_PADDING):
+                raise ValueError(
+                    f"'same' padding for kernel {kernel}, strides {stride}, dilations {dilation} would pad by "
+                    f"more than {MAX_PADDING} pixels"
+                )
         self.value = value
         self.lower = lower
 

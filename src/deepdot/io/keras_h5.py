@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import mmap
 import shutil
 import zipfile
 from collections import OrderedDict
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepdot.errors import ModelError
+from deepdot.errors import DeepdotError, ModelError
 from deepdot.io.convert import (
     Add,
     ChannelsLastFlatten,
@@ -41,9 +43,13 @@ from deepdot.io.convert import (
     Step,
     batch_norm,
     chain,
+    check_input_shape,
+    check_padding,
     module_name,
+    short_reason,
 )
 from deepdot.io.files import replacing
+from deepdot.io.limits import MODEL_BYTES
 
 SUPPORTED_LAYERS = (
     "InputLayer",
@@ -79,40 +85,254 @@ class _Unsupported(Exception):
     """A layer or setting the converter does not handle (turned into a ModelError with the file name)."""
 
 
+class _Corrupt(Exception):
+    """HDF5 could not read the file's structure (turned into a ModelError with the file name)."""
+
+
 def load_keras(path: str | Path) -> ConvertedModel:
     """Convert a Keras full-model file (``.h5``/``.hdf5`` or ``.keras``) to PyTorch.
+
+    The file is hostile input: it must be self-contained (no HDF5 external links, external
+    storage or virtual datasets), its archive members and weights are bounded in size
+    (:data:`~deepdot.io.limits.MODEL_BYTES`) before they are read, every weight must hold the
+    data its shape declares, and the model config must be well-formed JSON of sane depth.
+    Whatever else goes wrong while reading or converting the file becomes a one-line
+    ``ModelError``, never a traceback.
 
     Raises:
         ModelError: unreadable or truncated file, a weights-only file, an unsupported layer.
     """
     p = Path(path)
-    if zipfile.is_zipfile(p):
-        return _load_keras_zip(p)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    MODEL_BYTES.check(size, f"{p}: the Keras file", ModelError)
+    if size == 0:
+        raise ModelError(f"{p}: the file is empty; not a Keras model")
+    is_zip = p.suffix.lower() == ".keras"
+    try:
+        is_zip = zipfile.is_zipfile(p)  # raises BadZipFile on some damaged end records
+        return _load_keras_zip(p) if is_zip else _load_keras_h5(p)
+    except DeepdotError:
+        raise
+    except _Unsupported as exc:
+        raise ModelError(f"{p}: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, _Corrupt) as exc:  # HDF5 or zip cannot read the bytes
+        kind = ".keras" if is_zip or p.suffix.lower() == ".keras" else "HDF5"
+        reason = str(exc) if isinstance(exc, _Corrupt) else short_reason(exc)
+        raise ModelError(f"{p}: corrupt, truncated or not a Keras {kind} model ({reason})") from exc
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make parsing or converting fail in any way
+        raise ModelError(f"{p}: corrupt or unsupported Keras model ({short_reason(exc)})") from exc
+
+
+def _load_keras_h5(p: Path) -> ConvertedModel:
     import h5py
 
-    try:
-        with h5py.File(p, "r") as f:
-            raw = f.attrs.get("model_config")
-            if raw is None:
+    with open(p, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as image:
+        check_global_heaps(image, p)
+    with h5py.File(p, "r") as f:
+        check_self_contained(f, p)
+        raw = f.attrs.get("model_config")
+        if raw is None:
+            raise ModelError(
+                f"{p}: HDF5 file without a model_config attribute (a weights-only file or not a Keras "
+                "model); deepdot needs a full model written by model.save()"
+            )
+        config = _parse_config(raw)
+        root = f["model_weights"] if "model_weights" in f else f
+        return convert_config(config, _h5_weight_reader(root, _Budget(p)), p)
+
+
+# -- hostile files ---------------------------------------------------------------------------
+#: HDF5's own filters (gzip, shuffle, fletcher32, szip, nbit, scaleoffset) and h5py's lzf; any
+#: other filter would be a plugin library HDF5 loads from disk to decode the data.
+_BUILTIN_FILTERS = {1, 2, 3, 4, 5, 6, 32000}
+#: Most HDF5 objects and links a model file may hold (Keras files hold a few hundred).
+_MAX_HDF5_OBJECTS = 100_000
+#: Deepest nesting of the model config JSON (Keras configs nest about a dozen levels).
+_MAX_CONFIG_DEPTH = 64
+
+
+def check_self_contained(f: Any, path: Path) -> None:
+    """Refuse an HDF5 file that reaches outside itself or decodes through a plugin.
+
+    Every object reachable in ``f`` is visited once: a link into another file (external link,
+    or a link kind h5py does not know), a data set whose data live in other files (external
+    storage, virtual data sets) or one encoded with a filter that is not HDF5's own raises a
+    one-line ``ModelError``. Nothing outside ``f`` is opened.
+    """
+    import h5py
+
+    seen = 0
+
+    def check_links(group: Any, prefix: str) -> None:
+        nonlocal seen
+        for member in group:
+            seen += 1
+            if seen > _MAX_HDF5_OBJECTS:
+                raise ModelError(f"{path}: holds more than {_MAX_HDF5_OBJECTS:,} HDF5 objects; not a model file")
+            link = group.get(member, getlink=True)
+            name = f"{prefix}{member}"
+            if isinstance(link, h5py.ExternalLink):
                 raise ModelError(
-                    f"{p}: HDF5 file without a model_config attribute (a weights-only file or not a Keras "
-                    "model); deepdot needs a full model written by model.save()"
+                    f"{path}: refused: HDF5 link {name!r} points into another file ({link.filename!r}); "
+                    "deepdot reads self-contained model files only"
                 )
-            config = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
-            root = f["model_weights"] if "model_weights" in f else f
-            return convert_config(config, _h5_weight_reader(root), p)
-    except ModelError:
+            if not isinstance(link, (h5py.HardLink, h5py.SoftLink)):
+                raise ModelError(f"{path}: refused: HDF5 link {name!r} is a user-defined link")
+
+    def check(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group):
+            check_links(obj, f"{name}/")
+        elif isinstance(obj, h5py.Dataset):
+            _check_dataset(obj, name, path)
+
+    try:
+        check_links(f, "")
+        f.visititems(check)  # every object reachable by hard links, each once
+    except DeepdotError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{p}: corrupt, truncated or not a Keras HDF5 model ({detail})") from exc
+    except Exception as exc:  # noqa: BLE001 - HDF5 reports damaged metadata in many ways
+        raise _Corrupt(short_reason(exc)) from exc
 
 
-def _h5_weight_reader(root: Any) -> WeightReader:
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: Most global heap objects deepdot walks through before giving up on a file.
+_MAX_HEAP_OBJECTS = 1_000_000
+
+
+def check_global_heaps(image: bytes | mmap.mmap, path: Path) -> None:
+    """Refuse an HDF5 file holding a global heap collection that HDF5 would decode forever.
+
+    Variable-length strings (such as Keras' ``model_config``) live in "global heap
+    collections" (``GCOL``). HDF5 (2.0 included) walks a collection's objects by their sizes and
+    loops forever, unstoppable from Python, on a free-space object of size 0, which a single
+    damaged byte creates. Every collection in the file is walked here first, the way HDF5 does,
+    and such a file refused with one line.
+    """
+    lengths = _sizeof_lengths(image)
+    if lengths is None:  # no valid superblock: HDF5 will refuse the file itself
+        return
+    header = 8 + lengths  # "GCOL", version, 3 reserved bytes, collection size
+    object_header = 8 + lengths  # heap index (2), reference count (2), 4 reserved bytes, object size
+    walked = 0
+    start = image.find(b"GCOL")
+    while start != -1:
+        end = start + _number(image, start + 8, lengths)
+        if image[start + 4 : start + 5] != b"\x01" or end > len(image):
+            end = 0  # not a collection HDF5 would decode (wrong version, or past the end of the file)
+        at = start + header
+        while at + object_header <= end:
+            index = _number(image, at, 2)
+            size = _number(image, at + 8, lengths)
+            step = object_header + -(-size // 8) * 8 if index > 0 else size
+            walked += 1
+            if step == 0 or walked > _MAX_HEAP_OBJECTS:
+                raise ModelError(
+                    f"{path}: corrupt HDF5 file (global heap collection at byte {start} cannot be decoded)"
+                )
+            at += step
+        start = image.find(b"GCOL", start + 1)
+
+
+def _sizeof_lengths(image: bytes | mmap.mmap) -> int | None:
+    """The "size of lengths" an HDF5 file's superblock declares (None without a superblock)."""
+    offset = 0
+    while offset + 16 <= len(image):  # the superblock is at 0, 512, 1024, 2048, …
+        if image[offset : offset + 8] == _HDF5_SIGNATURE:
+            version = image[offset + 8]
+            lengths = image[offset + 14] if version in (0, 1) else image[offset + 10] if version in (2, 3) else 0
+            return lengths if lengths in (2, 4, 8, 16, 32) else None
+        offset = 512 if offset == 0 else offset * 2
+    return None
+
+
+def _number(image: bytes | mmap.mmap, at: int, width: int) -> int:
+    """The little-endian number of ``width`` bytes at ``at`` (bytes past the end read as zero)."""
+    return int.from_bytes(image[at : at + width].ljust(width, b"\0"), "little")
+
+
+def _check_dataset(ds: Any, name: str, path: Path) -> None:
+    if ds.is_virtual:
+        raise ModelError(
+            f"{path}: refused: data set {name!r} is a virtual data set drawing on other files; "
+            "deepdot reads self-contained model files only"
+        )
+    if ds.external:
+        raise ModelError(
+            f"{path}: refused: data set {name!r} keeps its data in external files; "
+            "deepdot reads self-contained model files only"
+        )
+    plist = ds.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        if code not in _BUILTIN_FILTERS:
+            raise ModelError(f"{path}: refused: data set {name!r} is encoded with HDF5 filter plugin {code}")
+
+
+class _Budget:
+    """The bytes of weights read so far, bounded by :data:`~deepdot.io.limits.MODEL_BYTES`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.total = 0
+
+    def take(self, nbytes: int) -> None:
+        """Count ``nbytes`` more, before they are allocated; ModelError past the limit."""
+        self.total += nbytes
+        MODEL_BYTES.check(self.total, f"{self.path}: weights", ModelError)
+
+
+def _read_weight(ds: Any, what: str, budget: _Budget) -> np.ndarray:
+    """A weight data set as float32, once its declared size is within the limit and, when stored
+    in one piece, the file holds exactly the bytes its shape declares."""
+    import h5py
+
+    if not isinstance(ds, h5py.Dataset):
+        raise _Unsupported(f"weight {what!r} is not a data set")
+    if ds.shape is None or ds.dtype.kind not in "fiu":
+        raise _Unsupported(f"weight {what!r} is not an array of numbers (shape {ds.shape}, type {ds.dtype})")
+    count = math.prod(int(d) for d in ds.shape)
+    nbytes = count * ds.dtype.itemsize
+    budget.take(count * max(ds.dtype.itemsize, 4))
+    layout = ds.id.get_create_plist().get_layout()
+    if layout in (h5py.h5d.CONTIGUOUS, h5py.h5d.COMPACT) and nbytes and ds.id.get_storage_size() != nbytes:
+        raise _Unsupported(
+            f"weight {what!r} declares shape {tuple(ds.shape)} of {ds.dtype} ({nbytes} bytes) but the file "
+            f"stores {ds.id.get_storage_size()} bytes (a corrupt or truncated file)"
+        )
+    return np.asarray(ds, dtype=np.float32)
+
+
+def _parse_config(raw: Any) -> dict[str, Any]:
+    """The model config JSON (``model_config`` attribute or ``config.json``) as a dict."""
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw.item()
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if not isinstance(raw, str):
+        raise _Unsupported(f"the model config is a {type(raw).__name__}, not JSON text")
+    config = json.loads(raw)
+    if not isinstance(config, dict):
+        raise _Unsupported(f"the model config is a JSON {type(config).__name__}, not an object")
+    stack: list[tuple[Any, int]] = [(config, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_CONFIG_DEPTH:
+            raise _Unsupported(f"the model config is nested more than {_MAX_CONFIG_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return config
+
+
+def _h5_weight_reader(root: Any, budget: _Budget) -> WeightReader:
     """Weights of a layer in a Keras 2 / Keras 3 legacy HDF5 file, keyed by short name."""
 
     def read(layer: str, _cls: str) -> dict[str, np.ndarray]:
-        return {short: np.asarray(ds, dtype=np.float32) for short, ds in _h5_layer_datasets(root, layer).items()}
+        return {
+            short: _read_weight(ds, f"{layer}/{short}", budget) for short, ds in _h5_layer_datasets(root, layer).items()
+        }
 
     return read
 
@@ -147,26 +367,39 @@ def _variable_names(cls: str, cfg: dict[str, Any]) -> list[str]:
     return names
 
 
+def _zip_members(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    """The members of a ``.keras`` archive by name, once their unpacked sizes are within the
+    limit (zip reading stops at the declared size) and no name occurs twice."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        if info.filename in members:
+            raise ModelError(f"{path}: refused: the archive holds two members named {info.filename!r}")
+        members[info.filename] = info
+    MODEL_BYTES.check(sum(i.file_size for i in members.values()), f"{path}: the archive's unpacked members", ModelError)
+    return members
+
+
 def _load_keras_zip(p: Path) -> ConvertedModel:
     """Convert a Keras 3 native ``.keras`` archive (config.json + model.weights.h5)."""
     import h5py
 
-    try:
-        with zipfile.ZipFile(p) as archive:
-            config = json.loads(archive.read("config.json"))
-            weights_blob = archive.read("model.weights.h5")
-        with h5py.File(io.BytesIO(weights_blob), "r") as f:
-            datasets = _zip_layer_datasets(f, config)
+    with zipfile.ZipFile(p) as archive:
+        members = _zip_members(archive, p)
+        missing = [name for name in ("config.json", "model.weights.h5") if name not in members]
+        if missing:
+            raise ModelError(f"{p}: not a Keras .keras model (the archive has no {missing[0]})")
+        config = _parse_config(archive.read("config.json"))
+        weights_blob = archive.read("model.weights.h5")
+    check_global_heaps(weights_blob, p)
+    with h5py.File(io.BytesIO(weights_blob), "r") as f:
+        check_self_contained(f, p)
+        datasets = _zip_layer_datasets(f, config)
+        budget = _Budget(p)
 
-            def read(layer: str, cls: str) -> dict[str, np.ndarray]:
-                return {short: np.asarray(ds, dtype=np.float32) for short, ds in datasets(layer, cls).items()}
+        def read(layer: str, cls: str) -> dict[str, np.ndarray]:
+            return {short: _read_weight(ds, f"{layer}/{short}", budget) for short, ds in datasets(layer, cls).items()}
 
-            return convert_config(config, read, p)
-    except ModelError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, zipfile.BadZipFile) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{p}: corrupt, truncated or not a Keras .keras model ({detail})") from exc
+        return convert_config(config, read, p)
 
 
 def _zip_layer_datasets(f: Any, config: dict[str, Any]) -> Callable[[str, str], dict[str, Any]]:
@@ -209,34 +442,52 @@ def _stored_names(config: dict[str, Any]) -> dict[str, str]:
 
 
 def _layer_classes(config: dict[str, Any]) -> list[tuple[str, str]]:
-    inner = config.get("config", {})
-    layers = inner if isinstance(inner, list) else inner.get("layers", [])
+    layers = _layers_of(config)
     return [(layer.get("config", {}).get("name", layer.get("name")), _layer_class(layer)) for layer in layers]
 
 
 def _layer_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    inner = config.get("config", {})
-    layers = inner if isinstance(inner, list) else inner.get("layers", [])
+    layers = _layers_of(config)
     return {layer.get("config", {}).get("name", layer.get("name")): layer.get("config", {}) for layer in layers}
 
 
 # -- configuration ---------------------------------------------------------------------------
 def convert_config(config: dict[str, Any], read_weights: WeightReader, path: Path) -> ConvertedModel:
     """Build the PyTorch network described by a Keras model config (``model.to_json()`` form)."""
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: the model config is a JSON {type(config).__name__}, not an object")
     kind = config.get("class_name")
     inner = config.get("config")
-    if kind == "Sequential":
-        layers = inner if isinstance(inner, list) else (inner or {}).get("layers", [])
-        try:
-            return _convert_sequential(layers, read_weights, inner if isinstance(inner, dict) else {})
-        except _Unsupported as exc:
-            raise ModelError(f"{path}: {exc}") from exc
-    if kind in ("Functional", "Model"):
-        try:
-            return _convert_functional(inner or {}, read_weights)
-        except _Unsupported as exc:
-            raise ModelError(f"{path}: {exc}") from exc
-    raise ModelError(f"{path}: unsupported Keras model class {kind!r}; deepdot reads Sequential and Functional models")
+    try:
+        if kind == "Sequential":
+            layers = _layers_of(config)
+            converted = _convert_sequential(layers, read_weights, inner if isinstance(inner, dict) else {})
+        elif kind in ("Functional", "Model"):
+            if not isinstance(inner, dict):
+                raise _Unsupported("the Functional model's config is not a JSON object")
+            _layers_of(config)
+            converted = _convert_functional(inner, read_weights)
+        else:
+            raise ModelError(
+                f"{path}: unsupported Keras model class {str(kind)[:80]!r}; deepdot reads Sequential and "
+                "Functional models"
+            )
+    except _Unsupported as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+    check_input_shape(path, converted.input_shape)
+    return converted
+
+
+def _layers_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layer entries of a model config, checked to be JSON objects with object configs."""
+    inner = config.get("config")
+    layers = inner if isinstance(inner, list) else inner.get("layers", []) if isinstance(inner, dict) else None
+    if not isinstance(layers, list):
+        raise _Unsupported("the model config has no list of layers")
+    for layer in layers:
+        if not isinstance(layer, dict) or not isinstance(layer.get("config", {}), dict):
+            raise _Unsupported(f"the model config lists a layer that is not a JSON object: {str(layer)[:80]!r}")
+    return layers
 
 
 def _input_shape(shape: list[Any] | None, channels_first: bool) -> tuple[int, ...] | None:
@@ -454,15 +705,25 @@ def _activation(name: str | None) -> nn.Module | None:
         "silu": nn.SiLU,
         "softmax": lambda: nn.Softmax(dim=1),
     }
-    if name not in table:
-        raise _Unsupported(f"unsupported activation {name!r}; supported: linear, {', '.join(table)}")
+    if not isinstance(name, str) or name not in table:
+        raise _Unsupported(f"unsupported activation {str(name)[:80]!r}; supported: linear, {', '.join(table)}")
     return table[name]()
 
 
-def _need(weights: dict[str, np.ndarray], key: str, layer: str) -> torch.Tensor:
+def _need(
+    weights: dict[str, np.ndarray], key: str, layer: str, shape: tuple[int | None, ...] | None = None
+) -> torch.Tensor:
+    """The weight ``key`` of ``layer``; with ``shape``, it must have that shape (None: any size)."""
     if key not in weights:
         raise _Unsupported(f"layer {layer!r} has no {key!r} weight in the file")
-    return torch.from_numpy(np.ascontiguousarray(weights[key]))
+    value = torch.from_numpy(np.ascontiguousarray(weights[key]))
+    if shape is not None and (
+        value.dim() != len(shape)
+        or any(want is not None and got != want for got, want in zip(value.shape, shape, strict=True))
+    ):
+        expected = "×".join("N" if d is None else str(d) for d in shape) or "a scalar"
+        raise _Unsupported(f"layer {layer!r} stores {key!r} with shape {tuple(value.shape)}, expected {expected}")
+    return value
 
 
 def _convert_layer(
@@ -485,12 +746,12 @@ def _convert_layer(
     if cls == "Dense":
         if rank != 2:
             raise _Unsupported(f"Dense layer {name!r} is applied to an image-shaped tensor; add a Flatten before it")
-        kernel = _need(weights, "kernel", name)
+        kernel = _need(weights, "kernel", name, (None, None))
         dense = nn.Linear(kernel.shape[0], kernel.shape[1], bias=bool(cfg.get("use_bias", True)))
         with torch.no_grad():
             dense.weight.copy_(kernel.T)
             if dense.bias is not None:
-                dense.bias.copy_(_need(weights, "bias", name))
+                dense.bias.copy_(_need(weights, "bias", name, (kernel.shape[1],)))
         return chain(("dense", dense), ("activation", _activation(cfg.get("activation")))), 2
     if cls in ("MaxPooling2D", "AveragePooling2D"):
         pool_size = _pair(cfg.get("pool_size", 2))
@@ -513,10 +774,12 @@ def _convert_layer(
             raise _Unsupported(
                 f"BatchNormalization {name!r} normalises axis {axis}; only the channel axis is supported"
             )
-        mean = _need(weights, "moving_mean", name)
-        gamma = weights.get("gamma", np.ones(len(mean), np.float32))
-        beta = weights.get("beta", np.zeros(len(mean), np.float32))
-        return batch_norm(gamma, beta, mean, _need(weights, "moving_variance", name), cfg.get("epsilon", 1e-3)), rank
+        mean = _need(weights, "moving_mean", name, (None,))
+        size = (len(mean),)
+        gamma = _need(weights, "gamma", name, size) if "gamma" in weights else torch.ones(size)
+        beta = _need(weights, "beta", name, size) if "beta" in weights else torch.zeros(size)
+        variance = _need(weights, "moving_variance", name, size)
+        return batch_norm(gamma, beta, mean, variance, float(cfg.get("epsilon", 1e-3))), rank
     if cls in _IDENTITY_LAYERS:
         return nn.Identity(), rank
     if cls == "Flatten":
@@ -545,6 +808,7 @@ def _convert_layer(
             (top, left), (bottom, right) = padding, padding
         else:
             (top, bottom), (left, right) = padding
+        _check_padding((top, bottom, left, right), name)
         return nn.ZeroPad2d((left, right, top, bottom)), 4
     if cls == "Add":
         return Add(), rank
@@ -571,6 +835,7 @@ def _conv2d(cfg: dict[str, Any], weights: dict[str, np.ndarray], name: str) -> n
         symmetric = stride == (1, 1) and (kh - 1) * dilation[0] % 2 == 0 and (kw - 1) * dilation[1] % 2 == 0
         if symmetric:
             padding = ((kh - 1) * dilation[0] // 2, (kw - 1) * dilation[1] // 2)
+            _check_padding(padding, name)
         else:
             pad = SamePad2d((kh, kw), stride, dilation)
     conv = nn.Conv2d(
@@ -586,8 +851,15 @@ def _conv2d(cfg: dict[str, Any], weights: dict[str, np.ndarray], name: str) -> n
     with torch.no_grad():
         conv.weight.copy_(kernel.permute(3, 2, 0, 1))
         if conv.bias is not None:
-            conv.bias.copy_(_need(weights, "bias", name))
+            conv.bias.copy_(_need(weights, "bias", name, (cout,)))
     return chain(("pad", pad), ("conv", conv), ("activation", _activation(cfg.get("activation"))))
+
+
+def _check_padding(values: tuple[int, ...], name: str) -> None:
+    try:
+        check_padding(values, f"layer {name!r}")
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
 
 
 # -- writing weights back --------------------------------------------------------------------
@@ -690,9 +962,10 @@ def _patch_keras_zip(src: Path, dest: Path, values: dict[str, dict[str, np.ndarr
     import h5py
 
     with zipfile.ZipFile(src) as archive:
+        _zip_members(archive, src)
         entries = [(info, archive.read(info.filename)) for info in archive.infolist()]
     files = {info.filename: data for info, data in entries}
-    config = json.loads(files["config.json"])
+    config = _parse_config(files["config.json"])
     classes = dict(_layer_classes(config))
     buffer = io.BytesIO(files["model.weights.h5"])
     with h5py.File(buffer, "r+") as f:

@@ -13,6 +13,7 @@ batch size of 1 still take batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepdot.errors import ModelError
+from deepdot.errors import DeepdotError, ModelError
 from deepdot.io.convert import (
     Add,
     Arithmetic,
@@ -33,9 +34,13 @@ from deepdot.io.convert import (
     Step,
     batch_norm,
     chain,
+    check_input_shape,
+    check_padding,
     module_name,
+    short_reason,
 )
 from deepdot.io.files import replacing
+from deepdot.io.limits import MODEL_BYTES
 
 SUPPORTED_OPS = (
     "Conv",
@@ -79,28 +84,48 @@ class _Unsupported(Exception):
 def load_onnx(path: str | Path) -> ConvertedModel:
     """Convert an ONNX model file to PyTorch.
 
+    The file is hostile input: its size and the size of every tensor it declares are bounded
+    (:data:`~deepdot.io.limits.MODEL_BYTES`) and every tensor's data must be exactly as long as
+    its dimensions say before anything is built from it. Whatever else goes wrong while reading
+    or converting the file becomes a one-line ``ModelError``, never a traceback.
+
     Raises:
-        ModelError: the ``onnx`` package is missing, the file is corrupt or truncated, uses an
-            unsupported operator, keeps its weights in external files, or has several inputs/outputs.
+        ModelError: the ``onnx`` package is missing, the file is corrupt or truncated, too large,
+            uses an unsupported operator, keeps its weights in external files, or has several
+            inputs/outputs.
     """
     p = Path(path)
     try:
         import onnx
-        from google.protobuf.message import DecodeError
     except ImportError as exc:
         raise ModelError(f"{p}: reading ONNX models needs the onnx package: pip install 'deepdot[formats]'") from exc
     try:
-        model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model ({detail})") from exc
-    if not model.graph.node:
-        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model (its graph has no nodes)")
-    try:
-        converted = _convert_graph(model.graph, onnx)
+        return _load_onnx(p, onnx)
+    except DeepdotError:
+        raise
     except _Unsupported as exc:
         raise ModelError(f"{p}: {exc}") from exc
-    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make parsing or converting fail in any way
+        raise ModelError(f"{p}: corrupt or unsupported ONNX model ({short_reason(exc)})") from exc
+
+
+def _load_onnx(p: Path, onnx: Any) -> ConvertedModel:
+    from google.protobuf.message import DecodeError
+
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    MODEL_BYTES.check(size, f"{p}: the ONNX file", ModelError)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError, RecursionError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model ({short_reason(exc)})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{p}: corrupt, truncated or not an ONNX model (its graph has no nodes)")
+    converted = _convert_graph(model.graph, onnx, _Budget(p))
+    check_input_shape(p, converted.input_shape)
+    metadata = {str(prop.key): str(prop.value) for prop in model.metadata_props}
     return ConvertedModel(
         network=converted.network,
         input_shape=converted.input_shape,
@@ -113,23 +138,143 @@ def load_onnx(path: str | Path) -> ConvertedModel:
     )
 
 
+class _Budget:
+    """The bytes of tensor data read so far, bounded by :data:`~deepdot.io.limits.MODEL_BYTES`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.total = 0
+
+    def take(self, nbytes: int) -> None:
+        """Count ``nbytes`` more, before they are allocated; ModelError past the limit."""
+        self.total += nbytes
+        MODEL_BYTES.check(self.total, f"{self.path}: weights", ModelError)
+
+
+#: The type of each attribute the supported operators read: a corrupt file may hold anything.
+_ATTRIBUTE_KINDS = {
+    "kernel_shape": "ints",
+    "strides": "ints",
+    "dilations": "ints",
+    "pads": "ints",
+    "perm": "ints",
+    "axes": "ints",
+    "group": "int",
+    "transA": "int",
+    "transB": "int",
+    "axis": "int",
+    "ceil_mode": "int",
+    "count_include_pad": "int",
+    "alpha": "float",
+    "beta": "float",
+    "epsilon": "float",
+    "auto_pad": "text",
+}
+
+
 def _attributes(node: Any, onnx: Any) -> dict[str, Any]:
-    return {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    """A node's attributes by name; those a supported operator reads are checked to be of their type."""
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    if node.op_type not in SUPPORTED_OPS:
+        return attrs
+    for key, value in attrs.items():
+        kind = _ATTRIBUTE_KINDS.get(key) if isinstance(key, str) else "name"
+        if kind is None:
+            continue
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind == "ints":
+            ok = isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, int) for v in value)
+        else:
+            ok = kind == "text" and isinstance(value, (str, bytes))
+        if not ok:
+            raise _Unsupported(
+                f"{node.op_type} node {node.name!r} has a malformed {key!r} attribute ({str(value)[:60]!r})"
+            )
+    return attrs
 
 
-def _to_tensor(proto: Any, onnx: Any) -> torch.Tensor:
+def _required(node: Any, attrs: dict[str, Any], key: str) -> Any:
+    if key not in attrs:
+        raise _Unsupported(f"{node.op_type} node {node.name!r} has no {key!r} attribute")
+    return attrs[key]
+
+
+def _check_names(graph: Any) -> None:
+    """Refuse names that are not text (protobuf hands over invalid UTF-8 as bytes)."""
+    named = [*graph.input, *graph.output, *graph.initializer]
+    texts = [v.name for v in named] + [
+        t for node in graph.node for t in (node.name, node.op_type, *node.input, *node.output)
+    ]
+    for text in texts:
+        if not isinstance(text, str):
+            raise _Unsupported(f"the graph names a node or tensor {text[:60]!r}, which is not valid UTF-8 text")
+
+
+#: The field of a TensorProto that holds its values when it has no ``raw_data``, by data type.
+_TYPED_FIELDS = {
+    "FLOAT": "float_data",
+    "UINT8": "int32_data",
+    "INT8": "int32_data",
+    "UINT16": "int32_data",
+    "INT16": "int32_data",
+    "INT32": "int32_data",
+    "INT64": "int64_data",
+    "BOOL": "int32_data",
+    "FLOAT16": "int32_data",
+    "DOUBLE": "double_data",
+    "UINT32": "uint64_data",
+    "UINT64": "uint64_data",
+    "BFLOAT16": "int32_data",
+}
+_FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16")
+
+
+def _to_tensor(proto: Any, onnx: Any, budget: _Budget) -> torch.Tensor:
+    """A TensorProto as a tensor, once its size is within the limit and its data matches its dims."""
+    name = proto.name
     if proto.data_location == onnx.TensorProto.EXTERNAL:
-        raise _Unsupported(
-            f"tensor {proto.name!r} is stored in an external file; deepdot reads self-contained ONNX only"
-        )
+        raise _Unsupported(f"tensor {name!r} is stored in an external file; deepdot reads self-contained ONNX only")
+    type_name = onnx.TensorProto.DataType.Name(proto.data_type) if proto.data_type in _data_type_values(onnx) else None
+    if type_name not in _TYPED_FIELDS:
+        shown = type_name or f"number {proto.data_type}"
+        raise _Unsupported(f"tensor {name!r} has data type {shown}, which deepdot does not read")
+    dims = [int(d) for d in proto.dims]
+    if any(d < 0 for d in dims):
+        raise _Unsupported(f"tensor {name!r} has negative dimensions {dims}")
+    count = math.prod(dims)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)).itemsize
+    budget.take(count * max(itemsize, 4))  # floating-point tensors are widened to float32
+    if proto.raw_data:
+        if len(proto.raw_data) != count * itemsize:
+            raise _Unsupported(
+                f"tensor {name!r} declares shape {dims} of {type_name} ({count * itemsize} bytes) but holds "
+                f"{len(proto.raw_data)} bytes of data (a corrupt or truncated file)"
+            )
+    else:
+        held = len(getattr(proto, _TYPED_FIELDS[type_name]))
+        if held != count:
+            raise _Unsupported(
+                f"tensor {name!r} declares shape {dims} ({count} values) but holds {held} values "
+                "(a corrupt or truncated file)"
+            )
     array = onnx.numpy_helper.to_array(proto)
-    if array.dtype.kind == "f":
+    if type_name in _FLOAT_TYPES:
         array = array.astype(np.float32)
+    elif array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.astype(np.int64)
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
-    constants: dict[str, torch.Tensor] = {init.name: _to_tensor(init, onnx) for init in graph.initializer}
+def _data_type_values(onnx: Any) -> set[int]:
+    return set(onnx.TensorProto.DataType.values())
+
+
+def _convert_graph(graph: Any, onnx: Any, budget: _Budget) -> ConvertedModel:
+    _check_names(graph)
+    constants: dict[str, torch.Tensor] = {init.name: _to_tensor(init, onnx, budget) for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in constants]
     if len(inputs) != 1 or len(graph.output) != 1:
         raise _Unsupported(
@@ -162,7 +307,10 @@ def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
             continue
         attrs = _attributes(node, onnx)
         if node.op_type == "Constant":
-            constants[node.output[0]] = _to_tensor(attrs["value"], onnx) if "value" in attrs else _constant(attrs)
+            if "value" in attrs:
+                constants[node.output[0]] = _to_tensor(attrs["value"], onnx, budget)
+            else:
+                constants[node.output[0]] = _constant(attrs)
             continue
         if node.op_type == "Identity" and node.input[0] in constants:  # an alias of a weight
             constants[node.output[0]] = constants[node.input[0]]
@@ -176,6 +324,7 @@ def _convert_graph(graph: Any, onnx: Any) -> ConvertedModel:
             for position, i in enumerate(node.input)
             if i and (i not in constants or position == 0 or node.op_type in _RUNTIME_CONSTANT_OPS)
         )
+        _check_arity(node, args)
         steps.append(Step(name, args, node.output[0]))
         kinds.append((name, node.op_type))
     used = {i for step in steps for i in step.inputs}
@@ -215,9 +364,21 @@ def _image_shape(dims: Sequence[int | None]) -> tuple[tuple[int, int, int] | Non
     return (c, h, w), False
 
 
+#: Operators that take exactly two tensors at run time.
+_BINARY_OPS = ("Add", "Sub", "Mul", "Div", "Gather")
+
+
+def _check_arity(node: Any, args: tuple[str, ...]) -> None:
+    """Refuse a node without the run-time inputs its layer needs (it would fail mid-forward)."""
+    if not args or (node.op_type in _BINARY_OPS and len(args) != 2):
+        raise _Unsupported(f"{node.op_type} node {node.name!r} has {len(args)} usable inputs")
+
+
 def _skip_identities(name: str, producers: dict[str, Any]) -> Any:
     node = producers.get(name)
-    while node is not None and node.op_type in ("Identity", "Dropout"):
+    seen: set[int] = set()
+    while node is not None and node.op_type in ("Identity", "Dropout") and node.input and id(node) not in seen:
+        seen.add(id(node))
         node = producers.get(node.input[0])
     return node
 
@@ -264,6 +425,10 @@ def _pads(attrs: dict[str, Any]) -> tuple[int, int, int, int]:
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     if len(pads) != 4:
         raise _Unsupported(f"only 2-D convolutions and pools are supported (pads {pads})")
+    try:
+        check_padding(pads, "a node")
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
     return pads[0], pads[1], pads[2], pads[3]
 
 
@@ -308,6 +473,8 @@ def _convert_node(node: Any, attrs: dict[str, Any], constants: dict[str, torch.T
         if attrs.get("transA", 0):
             raise _Unsupported(f"Gemm node {node.name!r} transposes its input (transA=1)")
         weight = _need_constant(node, 1, constants) * float(attrs.get("alpha", 1.0))
+        if weight.dim() != 2:
+            raise _Unsupported(f"Gemm node {node.name!r} multiplies by a {weight.dim()}-D tensor")
         weight = weight if attrs.get("transB", 0) else weight.T
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=len(node.input) > 2 and bool(node.input[2]))
         with torch.no_grad():
@@ -337,13 +504,18 @@ def _convert_node(node: Any, attrs: dict[str, Any], constants: dict[str, torch.T
         axis = int(attrs.get("axis", 1))
         return nn.Flatten() if axis == 1 else _Flatten(axis)
     if op == "Reshape":
-        if len(node.input) > 1 and node.input[1] in constants:
-            return _Reshape([int(v) for v in constants[node.input[1]].tolist()])
+        if len(node.input) < 2 or not node.input[1]:
+            raise _Unsupported(f"Reshape node {node.name!r} has no target shape")
+        if node.input[1] in constants:
+            target = constants[node.input[1]]
+            if target.dim() != 1 or target.is_floating_point():
+                raise _Unsupported(f"Reshape node {node.name!r} has target shape {str(target.tolist())[:60]}")
+            return _Reshape([int(v) for v in target.tolist()])
         return _Reshape(None)
     if op == "Transpose":
-        return Permute(attrs["perm"])
+        return Permute(_required(node, attrs, "perm"))
     if op == "Concat":
-        return Concat(int(attrs["axis"]))
+        return Concat(int(_required(node, attrs, "axis")))
     if op == "Gather":
         return _Gather(int(attrs.get("axis", 0)))
     if op == "Unsqueeze":
@@ -376,12 +548,15 @@ def _conv(node: Any, attrs: dict[str, Any], constants: dict[str, torch.Tensor]) 
     with torch.no_grad():
         conv.weight.copy_(weight)
         if conv.bias is not None:
-            conv.bias.copy_(_need_constant(node, 2, constants))
+            bias = _need_constant(node, 2, constants)
+            if bias.numel() != cout:
+                raise _Unsupported(f"Conv node {node.name!r} has {bias.numel()} biases for {cout} output channels")
+            conv.bias.copy_(bias.reshape(-1))
     return chain(("pad", pad), ("conv", conv))
 
 
 def _pool(node: Any, attrs: dict[str, Any]) -> nn.Module:
-    kernel = tuple(attrs["kernel_shape"])
+    kernel = tuple(_required(node, attrs, "kernel_shape"))
     if len(kernel) != 2:
         raise _Unsupported(f"{node.op_type} node {node.name!r} is not a 2-D pool")
     strides = tuple(attrs.get("strides", [1, 1]))
