@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ import torch
 from torch import nn
 
 from deepdot.errors import ModelError
+from deepdot.io.convert import check_input_shape
 from deepdot.io.files import replacing
+from deepdot.io.limits import MODEL_BYTES
 from deepdot.models import ARCHITECTURES, Classifier, build_classifier
 from deepdot.models.classifier import Preprocess
 
@@ -222,10 +223,7 @@ def _load_deepdot(path: Path, preprocess: Preprocess | None, arch: str | None) -
                 f"give one with --arch ({', '.join(ARCHITECTURES)})"
             )
         return _from_state_dict(weights, state, arch, {}, preprocess)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{meta_path}: not valid JSON ({exc})") from exc
+    meta = _read_json_object(meta_path)
     arch = meta.get("architecture")
     if arch not in ARCHITECTURES:
         raise ModelError(f"{meta_path}: unknown architecture {arch!r}; built in: {', '.join(ARCHITECTURES)}")
@@ -249,13 +247,12 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
 def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive is a zip holding compiled code (``<name>/code/...``)."""
-    if not zipfile.is_zipfile(path):
-        return False
+    """A TorchScript archive is a zip holding compiled code (``code/...``), as PyTorch's own
+    archive reader (the one ``torch.jit.load`` uses) sees it."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
+        reader = torch._C.PyTorchFileReader(str(path))
+        return any(name.startswith("code/") for name in reader.get_all_records())
+    except Exception:  # noqa: BLE001 - not an archive PyTorch can read: not TorchScript
         return False
 
 
@@ -365,14 +362,18 @@ def _first_line(exc: BaseException) -> str:
 def _sidecar(path: Path) -> dict[str, Any]:
     """``<stem>.json`` beside a model file: what the file itself does not record."""
     side = path.with_suffix(".json")
-    if not side.is_file():
-        return {}
+    return _read_json_object(side) if side.is_file() else {}
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a metadata file (``model.json``, a sidecar), or one line saying why not."""
     try:
-        meta = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{side}: not valid JSON ({exc})") from exc
+        MODEL_BYTES.check(path.stat().st_size, f"{path}: the metadata", ModelError)
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise ModelError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
     if not isinstance(meta, dict):
-        raise ModelError(f"{side}: expected a JSON object with preprocess / input_shape / architecture")
+        raise ModelError(f"{path}: expected a JSON object with preprocess / input_shape / architecture")
     return meta
 
 
@@ -400,12 +401,14 @@ def _recorded_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int, int]
     shape = meta.get("input_shape")
     if shape is None:
         return None
-    if isinstance(shape, str):
-        shape = json.loads(shape) if shape.strip().startswith("[") else [v for v in shape.replace("x", ",").split(",")]
     try:
+        if isinstance(shape, str):
+            text = shape.strip()
+            shape = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
         c, h, w = (int(v) for v in shape)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # ValueError: also bad JSON
         raise ModelError(f"{path}: recorded input_shape {shape!r} is not [channels, height, width]") from exc
+    check_input_shape(path, (c, h, w))
     return c, h, w
 
 
@@ -438,6 +441,7 @@ def _wrap(
             f'{path.with_suffix(".json").name} containing {{"input_shape": [channels, height, width]}}'
         )
     spec = _preprocess_for(path, preprocess, metadata, "unit")
+    check_input_shape(path, shape)
     network = network.eval()
     probe = torch.rand(2, *shape)
     try:
@@ -445,7 +449,9 @@ def _wrap(
             from deepdot.models.classifier import preprocess_tensor
 
             out = network(preprocess_tensor(probe, spec))
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a foreign network can fail in any way on the wrong input
+        if isinstance(exc, MemoryError):
+            raise ModelError(f"{path}: the network needs more memory than there is for one small batch") from exc
         raise ModelError(
             f"{path}: the network does not run on {'x'.join(map(str, shape))} input ({_first_line(exc)})"
         ) from exc
