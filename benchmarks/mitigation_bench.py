@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepdot.cli_mitigate import load_recovered  # noqa: E402
 from deepdot.errors import DeepdotError  # noqa: E402
 from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
 from deepdot.io.models import load_model  # noqa: E402
+from deepdot.io.scans import load_recovered  # noqa: E402
 from deepdot.mitigate import (  # noqa: E402
     FinePruning,
     FineTuning,

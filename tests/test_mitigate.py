@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import DIGITS_TARGET
 from deepdot.cli import app
-from deepdot.cli_mitigate import load_recovered
 from deepdot.io.models import load_model, save_model
+from deepdot.io.scans import load_recovered
 from deepdot.mitigate import (
     FinePruning,
     InputFilter,

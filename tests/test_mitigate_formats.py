@@ -20,10 +20,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from deepdot.cli import app
-from deepdot.cli_mitigate import load_recovered, make_mitigation
+from deepdot.cli_mitigate import make_mitigation
 from deepdot.errors import ModelError
 from deepdot.io.models import load_model
 from deepdot.io.save_as import check_save_as, save_model_as
+from deepdot.io.scans import load_recovered
 from deepdot.mitigate import measure
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on PyTorch, for writing the test inputs

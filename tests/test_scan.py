@@ -5,7 +5,7 @@ import torch
 
 from conftest import DIGITS_TARGET
 from deepdot.scan import FastNeuralCleanse, NeuralCleanse, PreprocessingMismatch
-from deepdot.scan.neural_cleanse import _Schedule
+from deepdot.scan.schedule import CostSchedule
 from deepdot.triggers import mask_iou
 
 
@@ -75,16 +75,21 @@ def test_preprocessing_mismatch_stops_the_scan(badnets_digits, digits_test):
 
 
 def test_reference_cost_schedule():
-    s = _Schedule(init_cost=1e-3, patience=5, multiplier=2.0, threshold=0.99)
+    s = CostSchedule(1, init_cost=1e-3, patience=5, multiplier=2.0, threshold=0.99, dtype=torch.float64)
+    row = torch.tensor([0])
+
+    def step(success: float) -> None:
+        s.update(row, torch.tensor([success], dtype=torch.float64))
+
     for _ in range(5):
-        s.update(1.0)
-    assert s.cost == 1e-3 and not s.up_flag
+        step(1.0)
+    assert float(s.cost[0]) == 1e-3 and not bool(s.up_flag[0])
     for _ in range(5):
-        s.update(1.0)
-    assert s.cost == 2e-3 and s.up_flag
+        step(1.0)
+    assert float(s.cost[0]) == 2e-3 and bool(s.up_flag[0])
     for _ in range(5):
-        s.update(0.5)
-    assert s.cost == pytest.approx(2e-3 / 2**1.5) and s.down_flag
+        step(0.5)
+    assert float(s.cost[0]) == pytest.approx(2e-3 / 2**1.5) and bool(s.down_flag[0])
 
 
 def test_frozen_labels_do_not_move(badnets_digits, digits_test):

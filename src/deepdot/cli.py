@@ -621,8 +621,9 @@ def scan_command(
     Writes OUT/scan.json and OUT/label_<k>_{mask,pattern,fusion}.png. Exit code 0: no backdoor
     found; 1: backdoor found; 2: usage or input error.
     """
+    from deepdot.io.checkpoint import Checkpoint, data_digest
     from deepdot.io.files import ensure_dir
-    from deepdot.report.artifacts import Checkpoint, data_digest, write_scan
+    from deepdot.report.artifacts import write_scan
     from deepdot.report.console import print_scan
 
     overrides = {

@@ -46,39 +46,6 @@ class Method(str, Enum):
     auto = "auto"
 
 
-def scan_json_path(scan: Path) -> Path:
-    """``scan.json`` given as the file or the scan's output folder."""
-    path = scan / "scan.json" if scan.is_dir() else scan
-    if not path.exists():
-        raise DeepdotError(
-            f"{path}: no such file (give the scan's scan.json or its folder, as written by `deepdot scan`)"
-        )
-    return path
-
-
-def load_recovered(
-    scan: Path, image_shape: tuple[int, int, int], labels: list[int] | None
-) -> tuple[list[int], list[Any]]:
-    """The labels to mitigate (``labels``, else the scan's flagged ones) and their recovered
-    backdoors, read from ``label_<k>_mask.png`` / ``_pattern.png`` beside ``scan.json``."""
-    from deepdot.io.files import load_trigger, read_json
-    from deepdot.mitigate import RecoveredBackdoor
-
-    path = scan_json_path(scan)
-    info = read_json(path)
-    if labels is None:
-        flagged = info.get("flagged") if isinstance(info, dict) else None
-        if not isinstance(flagged, list):
-            raise DeepdotError(f"{path}: not a deepdot scan.json (no 'flagged' list)")
-        labels = [int(v) for v in flagged]
-    if not labels:
-        raise DeepdotError(
-            f"{path}: the scan flagged no label, so there is nothing to mitigate (name labels with --labels)"
-        )
-    backdoors = [RecoveredBackdoor(k, load_trigger(path.parent / f"label_{k}_mask.png", image_shape)) for k in labels]
-    return labels, backdoors
-
-
 def make_mitigation(
     method: str, *, layer: str | None, fpr: float, epochs: int | None, lr: float | None, seed: int
 ) -> Any:
@@ -165,6 +132,7 @@ def mitigate_command(
     from deepdot.data import ImageData
     from deepdot.io.files import ensure_dir, load_trigger, write_json
     from deepdot.io.save_as import check_save_as, save_model_as
+    from deepdot.io.scans import PNG_NOTE, load_scan, scan_json_path, select_recovered
     from deepdot.metrics import ALL_TO_ALL
     from deepdot.mitigate import PlantedBackdoor, choose_best, measure, measure_filter
 
@@ -174,7 +142,14 @@ def mitigate_command(
         raise DeepdotError(f"--fpr must be between 0 and 1, got {fpr}")
     ensure_dir(out)
     classifier = _load_model(model, preprocess, arch, allow_code)
-    mitigated, backdoors = load_recovered(scan, classifier.input_shape, _parse_ints(labels, "--labels"))
+    recovered = load_scan(scan, classifier.input_shape)
+    for note in recovered.warnings:
+        if note == PNG_NOTE:
+            console.print(f"note: {note}", markup=False)
+    try:
+        mitigated, backdoors = select_recovered(recovered, _parse_ints(labels, "--labels"))
+    except DeepdotError as exc:
+        raise DeepdotError(f"{scan_json_path(scan)}: {exc}") from exc
     for k in mitigated:
         if not 0 <= k < classifier.num_classes:
             raise DeepdotError(f"label {k} is outside the model's 0..{classifier.num_classes - 1}")

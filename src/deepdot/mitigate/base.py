@@ -12,7 +12,7 @@ import io
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -23,8 +23,7 @@ from deepdot.metrics import attack_success_rate
 from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn, no_progress
-from deepdot.scan.result import LabelTrigger, ScanResult
-from deepdot.triggers import Trigger
+from deepdot.results import Backdoor, LabelTrigger, ScanResult
 
 
 class MitigationError(DeepdotError):
@@ -50,12 +49,8 @@ def check_pruning_search(
         raise MitigationError(f"max_images must be at least 10, got {max_images}")
 
 
-@dataclass(frozen=True)
-class RecoveredBackdoor:
-    """A trigger recovered by a scan and the label it sends images to."""
-
-    target: int
-    trigger: Trigger
+#: a trigger recovered by a scan and the label it sends images to (the one :class:`Backdoor` value)
+RecoveredBackdoor = Backdoor
 
 
 BackdoorSource = ScanResult | LabelTrigger | RecoveredBackdoor | Sequence[LabelTrigger | RecoveredBackdoor]
@@ -167,7 +162,7 @@ class Mitigation(ABC):
 
         Args:
             classifier: the suspect model (not modified).
-            backdoor: a :class:`~deepdot.scan.result.ScanResult` (its flagged labels), or recovered
+            backdoor: a :class:`~deepdot.results.ScanResult` (its flagged labels), or recovered
                 triggers with their target labels.
             clean_data: clean images with their true labels (the defender's data).
             progress: called with :class:`~deepdot.progress.ProgressEvent` during long steps.

@@ -13,18 +13,12 @@ from deepdot.metrics import attack_success_rate, attack_targets, clean_accuracy
 from deepdot.mitigate.base import RecoveredBackdoor
 from deepdot.mitigate.filter import TriggerFilter
 from deepdot.models import Classifier
+from deepdot.results import Backdoor
 from deepdot.triggers import Trigger
 
-
-@dataclass(frozen=True)
-class PlantedBackdoor:
-    """The attacker's real trigger and target, when known (to measure a defence, never to build it).
-
-    ``target`` may be :data:`deepdot.metrics.ALL_TO_ALL`.
-    """
-
-    target: int
-    trigger: Trigger
+#: the attacker's real trigger and target, when known (to measure a defence, never to build it);
+#: ``target`` may be :data:`deepdot.metrics.ALL_TO_ALL`
+PlantedBackdoor = Backdoor
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deepdot.progress import ProgressEvent
-from deepdot.scan.result import ScanResult
+from deepdot.results import ScanResult
 
 
 class ProgressBars:

@@ -10,45 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
+
+from deepdot.results import DEFAULT_THRESHOLD, OutlierStats
 
 CONSISTENCY = 1.4826
 #: For normal data, mean absolute deviation × 1.2533 estimates the standard deviation.
 MEAN_AD_CONSISTENCY = math.sqrt(math.pi / 2)
-DEFAULT_THRESHOLD = 2.0
-
-
-@dataclass(frozen=True)
-class OutlierStats:
-    """Result of the MAD outlier test over per-label mask L1 norms.
-
-    Attributes:
-        median: median of the norms.
-        mad: consistency-scaled median absolute deviation (or its fallback, see :func:`mad`).
-        anomaly_index: ``|min(norms) - median| / mad``, the model's score (> 2: infected).
-        indices: per-label anomaly index, in the order of ``labels``.
-        flagged: labels below the median with an index above the threshold, most anomalous first.
-        labels: the labels the norms belong to.
-    """
-
-    median: float
-    mad: float
-    anomaly_index: float
-    indices: tuple[float, ...]
-    flagged: tuple[int, ...]
-    labels: tuple[int, ...]
-    threshold: float = DEFAULT_THRESHOLD
-
-    def to_dict(self) -> dict:
-        return {
-            "median": self.median,
-            "mad": self.mad,
-            "anomaly_index": self.anomaly_index,
-            "flagged": list(self.flagged),
-            "threshold": self.threshold,
-        }
 
 
 def mad(values: Sequence[float]) -> tuple[float, float]:
