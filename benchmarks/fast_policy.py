@@ -20,17 +20,15 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepdot.io.models import load_model  # noqa: E402
-from deepdot.progress import ProgressEvent  # noqa: E402
-from deepdot.scan import FastNeuralCleanse  # noqa: E402
-from deepdot.scan.outliers import outlier_test  # noqa: E402
-from zoo import splits  # noqa: E402
+from deepdot.io.models import load_model
+from deepdot.progress import ProgressEvent
+from deepdot.scan import FastNeuralCleanse
+from deepdot.scan.outliers import outlier_test
+from zoo import splits
 
 ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 

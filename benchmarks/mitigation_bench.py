@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepdot.errors import DeepdotError  # noqa: E402
-from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
-from deepdot.io.models import load_model  # noqa: E402
-from deepdot.io.scans import load_recovered  # noqa: E402
-from deepdot.mitigate import (  # noqa: E402
+from deepdot.errors import DeepdotError
+from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json
+from deepdot.io.models import load_model
+from deepdot.io.scans import load_recovered
+from deepdot.mitigate import (
     FinePruning,
     FineTuning,
     InputFilter,
@@ -44,9 +43,9 @@ from deepdot.mitigate import (  # noqa: E402
     measure,
     measure_filter,
 )
-from deepdot.report.artifacts import write_scan  # noqa: E402
-from deepdot.scan import FastNeuralCleanse  # noqa: E402
-from zoo import REPLICAS, splits  # noqa: E402
+from deepdot.report.artifacts import write_scan
+from deepdot.scan import FastNeuralCleanse
+from zoo import REPLICAS, splits
 
 ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deepdot.io.checkpoint import Checkpoint, file_digest  # noqa: E402
-from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json  # noqa: E402
-from deepdot.io.models import load_model  # noqa: E402
-from deepdot.report.artifacts import write_scan  # noqa: E402
-from deepdot.scan import FastNeuralCleanse, NeuralCleanse  # noqa: E402
-from deepdot.scan.base import frozen_weights  # noqa: E402
-from deepdot.triggers import mask_iou  # noqa: E402
-from zoo import REPLICAS, splits  # noqa: E402
+from deepdot.io.checkpoint import Checkpoint, file_digest
+from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json
+from deepdot.io.models import load_model
+from deepdot.report.artifacts import write_scan
+from deepdot.scan import FastNeuralCleanse, NeuralCleanse
+from deepdot.scan.base import frozen_weights
+from deepdot.triggers import mask_iou
+from zoo import REPLICAS, splits
 
 ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 
