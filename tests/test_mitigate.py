@@ -304,12 +304,15 @@ def test_cli_scan_mitigate_filter(saved_models, scan_dir, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((aout / "mitigation.json").read_text())
     assert set(summary["candidates"]) == {"prune", "unlearn", "fine-tune", "fine-prune"}
+    # chosen on the validation part of the repair data, never on the held-out figures it reports
+    assert summary["selected_on"] == "validation" and summary["validation_images"] > 0
     candidates = {
-        n: Figures(c["after"]["clean_accuracy"], c["after"]["attack_success_rate"])
+        n: Figures(c["validation"]["clean_accuracy"], c["validation"]["attack_success_rate"])
         for n, c in summary["candidates"].items()
     }
-    chosen = choose_best(Figures(**summary["before"]), candidates, 0.01)
+    chosen = choose_best(Figures(**summary["validation_before"]), candidates, 0.01)
     assert summary["method"] == (chosen or max(candidates, key=lambda n: candidates[n].clean_accuracy))
+    assert summary["after"] == summary["candidates"][summary["method"]]["after"]
     assert summary["after"]["planted_attack_success_rate"] <= MAX_PLANTED_SUCCESS
 
     res = runner.invoke(app, ["mitigate", str(bad), "--scan", str(tmp_path / "nope"), "--method", "unlearn"])

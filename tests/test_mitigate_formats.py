@@ -20,12 +20,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from deepdot.cli import app
-from deepdot.cli_mitigate import make_mitigation
 from deepdot.errors import ModelError
 from deepdot.io.models import load_model
 from deepdot.io.save_as import check_save_as, save_model_as
 from deepdot.io.scans import load_recovered
-from deepdot.mitigate import measure
+from deepdot.mitigate import build_mitigation, measure
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on PyTorch, for writing the test inputs
 
@@ -83,8 +82,8 @@ def _repaired_in_memory(source, planted_scan_dir, data, method, *, preprocess=No
 
     classifier = load_model(source, preprocess=preprocess)
     _, backdoors = load_recovered(planted_scan_dir, classifier.input_shape, None)
-    algo = make_mitigation(
-        method, layer=settings.get("layer"), fpr=0.05, epochs=settings.get("epochs"), lr=None, seed=0
+    algo = build_mitigation(
+        method, layer=settings.get("layer"), false_positive_rate=0.05, epochs=settings.get("epochs"), seed=0
     )
     return algo.apply(classifier, backdoors, load_data(str(data))).classifier, backdoors
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from deepdot.cli import app
 from deepdot.errors import DeepdotError
-from deepdot.io.scans import PNG_NOTE, TRIGGERS, load_recovered, load_scan, save_scan
+from deepdot.io.scans import PNG_NOTE, TRIGGERS, load_recovered, load_scan
 from deepdot.scan import FastNeuralCleanse
 
 runner = CliRunner()

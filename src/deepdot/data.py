@@ -49,6 +49,19 @@ class ImageData:
         c, h, w = self.x.shape[1:]
         return int(c), int(h), int(w)
 
+    def fitted_to(self, input_shape: tuple[int, int, int], num_classes: int) -> ImageData:
+        """This data for a model taking ``input_shape`` images and ``num_classes`` labels (the
+        task's label count becomes the model's), or a :class:`DataError` saying why it does not fit.
+        """
+        if self.image_shape != tuple(input_shape):
+            raise DataError(
+                f"{self.name}: images are {'x'.join(map(str, self.image_shape))} but the model takes "
+                f"{'x'.join(map(str, input_shape))}"
+            )
+        if self.num_classes > num_classes:
+            raise DataError(f"{self.name}: labels go up to {self.num_classes - 1} but the model has {num_classes} classes")
+        return ImageData(self.x, self.y, num_classes, self.name, self.groups)
+
     def subset(self, index: torch.Tensor | np.ndarray | list[int], name: str | None = None) -> ImageData:
         idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
         return ImageData(

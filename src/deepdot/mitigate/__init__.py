@@ -7,6 +7,7 @@ Every mitigation holds its settings and is applied as
 input classifier is never modified.
 """
 
+from deepdot.mitigate.auto import AutoMitigation, AutoResult, Candidate
 from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, recovered_backdoors
 from deepdot.mitigate.evaluation import (
     Figures,
@@ -18,21 +19,24 @@ from deepdot.mitigate.evaluation import (
 )
 from deepdot.mitigate.filter import InputFilter, TriggerFilter
 from deepdot.mitigate.fine_pruning import FinePruning, FineTuning
+from deepdot.mitigate.pipeline import AUTO, RepairReport, method_names, repair, runnable
 from deepdot.mitigate.prune import NeuronPruning
+from deepdot.mitigate.registry import AUTO_METHODS, METHODS, build_mitigation
 from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
 from deepdot.mitigate.unlearn import Unlearning
 
-#: ``deepdot mitigate --method`` names and the class behind each.
-METHODS: dict[str, type[Mitigation]] = {
-    "filter": InputFilter,
-    "prune": NeuronPruning,
-    "unlearn": Unlearning,
-    "fine-tune": FineTuning,
-    "fine-prune": FinePruning,
-}
-
 __all__ = [
+    "AUTO",
+    "AUTO_METHODS",
     "METHODS",
+    "AutoMitigation",
+    "AutoResult",
+    "Candidate",
+    "RepairReport",
+    "build_mitigation",
+    "method_names",
+    "repair",
+    "runnable",
     "FilterFigures",
     "Figures",
     "FinePruning",

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from deepdot.mitigate.pipeline import RepairReport
 from deepdot.progress import ProgressEvent
 from deepdot.results import ScanResult
 
@@ -135,3 +136,29 @@ def print_figures(console: Console, title: str, figures: dict[str, Any]) -> None
             continue
         table.add_row(k, Text(f"{v:.4f}" if isinstance(v, float) else str(v)))  # Text: paths may hold [brackets]
     console.print(table)
+
+
+def print_mitigation(console: Console, report: RepairReport) -> None:
+    """Before/after figures of a repair (and what ``auto`` chose)."""
+    table = Table(title=f"Mitigation: {report.method}")
+    table.add_column("figure")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    before, after = report.before.to_dict(), report.after.to_dict()
+    for key, a in after.items():
+        b = before.get(key)
+        table.add_row(key, "" if b is None else f"{b:.4f}", f"{a:.4f}")
+    if report.filter is not None:
+        for key, value in report.filter.to_dict().items():
+            table.add_row(f"filter {key}", "", f"{value:.4f}")
+    pruning = report.result.pruning
+    if pruning is not None:
+        table.add_row(f"pruned units of {escape(pruning.layer)}", "", f"{len(pruning.pruned_units)} of {pruning.units}")
+    console.print(table)
+    if report.auto is not None:
+        chosen = "kept" if report.auto.within_budget else "no method kept clean accuracy within the margin; kept"
+        console.print(
+            f"auto: {chosen} {report.method} (chosen on {report.auto.validation_images} validation images of the "
+            f"repair data, accuracy budget {report.auto.max_accuracy_drop:g})",
+            markup=False,
+        )
