@@ -33,30 +33,21 @@ from deepdot.errors import DeepdotError
 from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json
 from deepdot.io.models import load_model
 from deepdot.io.scans import load_recovered
-from deepdot.mitigate import (
-    FinePruning,
-    FineTuning,
-    InputFilter,
-    NeuronPruning,
-    PlantedBackdoor,
-    Unlearning,
-    measure,
-    measure_filter,
-)
+from deepdot.mitigate import PlantedBackdoor, build_mitigation, measure, repair
 from deepdot.report.artifacts import write_scan
 from deepdot.scan import FastNeuralCleanse
 from zoo import REPLICAS, splits
 
 ZOO = Path(os.environ.get("DEEPDOT_ZOO", "~/.cache/deepdot/zoo")).expanduser()
 
-#: the methods compared, as (row name, algorithm with the settings the issue asks about)
+#: the methods compared, as (row name, algorithm from deepdot's registry with the settings compared)
 METHODS = {
-    "filter": InputFilter(),
-    "prune-last-conv": NeuronPruning(layer="last_conv"),
-    "prune-penultimate": NeuronPruning(layer="penultimate"),
-    "unlearn": Unlearning(),
-    "fine-tune": FineTuning(),
-    "fine-prune": FinePruning(),
+    "filter": build_mitigation("filter"),
+    "prune-last-conv": build_mitigation("prune", layer="last_conv"),
+    "prune-penultimate": build_mitigation("prune", layer="penultimate"),
+    "unlearn": build_mitigation("unlearn"),
+    "fine-tune": build_mitigation("fine-tune"),
+    "fine-prune": build_mitigation("fine-prune"),
 }
 
 
@@ -118,22 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(folder)
         summary = read_json(folder / "attack.json")
         planted = PlantedBackdoor(int(summary["target"]), load_trigger(folder / "trigger.npz"))
-        _, repair, test = splits(replica)
+        _, repair_set, test = splits(replica)
         backdoors, scan = recovered(name, model, test, args.work, args.labels)
         before = measure(model, test, backdoors, planted)
-        print(f"{name}: flagged {scan['flagged']}, repair on {len(repair)} clean images, measured on {len(test)}")
+        print(f"{name}: flagged {scan['flagged']}, repair on {len(repair_set)} clean images, measured on {len(test)}")
         print(f"  before: {json.dumps(before.to_dict())}", flush=True)
         rows = {}
         for method in args.methods:
-            algo = methods[method]
             start = time.perf_counter()
-            result = algo.apply(model, backdoors, repair)
-            row = {"seconds": time.perf_counter() - start, "details": result.to_dict()}
-            if result.input_filter is not None:
-                f = measure_filter(model, result.input_filter, test, backdoors, planted)
-                row |= {"filter": f.to_dict(), "after": f.behind_filter.to_dict()}
-            else:
-                row["after"] = measure(result.classifier, test, backdoors, planted).to_dict()
+            report = repair(
+                model, backdoors, repair_set, test, method=methods[method].method,
+                mitigations={method: methods[method]}, planted=planted,
+            )  # fmt: skip
+            result = report.result
+            row = {"seconds": time.perf_counter() - start, "details": result.to_dict(), "after": report.after.to_dict()}
+            if report.filter is not None:
+                row["filter"] = report.filter.to_dict()
             if result.pruning is not None:
                 row["pruned_fraction"] = result.pruning.pruned_fraction
             row["settings"] = [a for a in args.set if a.startswith(method + ".")]
