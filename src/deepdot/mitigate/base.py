@@ -12,18 +12,21 @@ import io
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from deepdot.data import ImageData
 from deepdot.errors import DeepdotError
 from deepdot.metrics import attack_success_rate
-from deepdot.mitigate.result import MitigationResult
+from deepdot.mitigate.result import MitigationResult, PruningOutcome
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn, no_progress
 from deepdot.results import Backdoor, LabelTrigger, ScanResult
+
+if TYPE_CHECKING:
+    from deepdot.mitigate.filter import TriggerFilter
 
 
 class MitigationError(DeepdotError):
@@ -138,17 +141,41 @@ def copy_classifier(classifier: Classifier) -> Classifier:
     return copy.deepcopy(classifier, memo)
 
 
+@dataclass(frozen=True)
+class Repaired:
+    """What :meth:`Mitigation._run` produced: the model to use from now on and the facts about
+    how it got there; :meth:`Mitigation.apply` turns it into the :class:`MitigationResult`.
+
+    Attributes:
+        classifier: the repaired model (the private copy ``_run`` was given, changed in place),
+            or for a mitigation that leaves the model alone the very model it was given.
+        pruning: for pruning methods, what was pruned and the pruning curve.
+        input_filter: for the input filter, the calibrated filter.
+        training_loss: per-epoch loss of any fine-tuning.
+    """
+
+    classifier: Classifier
+    pruning: PruningOutcome | None = None
+    input_filter: TriggerFilter | None = None
+    training_loss: tuple[float, ...] = ()
+
+
 class Mitigation(ABC):
     """Base of every mitigation: settings live on the (frozen, keyword-only) dataclass, the model,
     the recovered backdoor and the clean data come with :meth:`apply`.
 
     Subclasses implement :meth:`_run` (and :meth:`check` where a model may not suit them);
-    :meth:`apply` validates the inputs, deep-copies the classifier (the caller's model is never
-    changed) and times the run.
+    :meth:`apply` validates the inputs, deep-copies the classifier unless the mitigation leaves
+    it alone (:attr:`changes_model`; the caller's model is never changed), times the run and
+    builds the :class:`MitigationResult` from what :meth:`_run` returns.
     """
 
     #: the name used by ``deepdot mitigate --method`` and in ``mitigation.json``
     method: str = "mitigation"
+
+    #: whether :meth:`_run` changes the model's weights: if so it is given a private copy (in eval
+    #: mode), otherwise the caller's model itself, which it must not change
+    changes_model: ClassVar[bool] = True
 
     def apply(
         self,
@@ -161,7 +188,8 @@ class Mitigation(ABC):
         """Repair a copy of ``classifier`` against the recovered ``backdoor`` using ``clean_data``.
 
         Args:
-            classifier: the suspect model (not modified).
+            classifier: the suspect model (not modified; a mitigation that leaves the model alone,
+                the input filter, returns this very object as the result's ``classifier``).
             backdoor: a :class:`~deepdot.results.ScanResult` (its flagged labels), or recovered
                 triggers with their target labels.
             clean_data: clean images with their true labels (the defender's data).
@@ -178,16 +206,21 @@ class Mitigation(ABC):
             if not 0 <= b.target < classifier.num_classes:
                 raise MitigationError(f"label {b.target} is outside the model's 0..{classifier.num_classes - 1}")
         self.check(classifier, clean_data)
-        model = copy_classifier(classifier)
-        model.eval()
+        model = classifier
+        if self.changes_model:
+            model = copy_classifier(classifier)
+            model.eval()
         start = time.perf_counter()
-        result = self._run(model, backdoors, clean_data, progress)
-        return replace(
-            result,
+        repaired = self._run(model, backdoors, clean_data, progress)
+        return MitigationResult(
             method=self.method,
+            classifier=repaired.classifier,
             targets=tuple(b.target for b in backdoors),
             settings=self.settings(),
             seconds=time.perf_counter() - start,
+            pruning=repaired.pruning,
+            input_filter=repaired.input_filter,
+            training_loss=repaired.training_loss,
         )
 
     def check(self, classifier: Classifier, clean_data: ImageData) -> None:
@@ -203,9 +236,9 @@ class Mitigation(ABC):
         backdoors: tuple[RecoveredBackdoor, ...],
         clean_data: ImageData,
         progress: ProgressFn,
-    ) -> MitigationResult:
-        """Repair ``classifier`` (already a private copy) and return the result (method, targets,
-        settings and timing are filled in by :meth:`apply`)."""
+    ) -> Repaired:
+        """Repair ``classifier`` (a private copy when :attr:`changes_model`, else the caller's
+        model, to be left unchanged) and return the model with what was done to it."""
 
     def settings(self) -> dict[str, Any]:
         """The algorithm's settings, for reports."""

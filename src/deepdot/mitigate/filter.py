@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from deepdot.data import ImageData
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, Repaired
 from deepdot.mitigate.layers import resolve_layer, unit_activations
 from deepdot.mitigate.ranking import rank_by_trigger
-from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
 from deepdot.progress import ProgressEvent, ProgressFn
 
@@ -68,6 +67,8 @@ class TriggerFilter:
     def from_dict(cls, data: dict[str, Any]) -> TriggerFilter:
         """Read back :meth:`to_dict` (e.g. a saved ``filter.json``)."""
         try:
+            if not all(math.isfinite(float(data[k])) for k in ("threshold", "target_false_positive_rate")):
+                raise ValueError("its threshold is not a finite number")
             return cls(
                 layer=str(data["layer"]),
                 neurons=tuple(int(n) for n in data["neurons"]),
@@ -82,7 +83,11 @@ class TriggerFilter:
 
 @dataclass(frozen=True, kw_only=True)
 class InputFilter(Mitigation):
-    """Fit Neural Cleanse's input filter on clean data (the model itself is left unchanged).
+    """Fit Neural Cleanse's input filter on clean data.
+
+    The model is left unchanged and is not copied: the filter is fitted on it, and the result's
+    ``classifier`` is the very model given to :meth:`apply` (the same object, not a copy), the
+    one the filter screens inputs for.
 
     Args:
         layer: ``penultimate`` (the paper's choice), ``last_conv`` or a module name.
@@ -92,6 +97,7 @@ class InputFilter(Mitigation):
     """
 
     method = "filter"
+    changes_model = False
 
     layer: str = "penultimate"
     top_fraction: float = 0.01
@@ -133,15 +139,8 @@ class InputFilter(Mitigation):
         backdoors: tuple[RecoveredBackdoor, ...],
         clean_data: ImageData,
         progress: ProgressFn,
-    ) -> MitigationResult:
+    ) -> Repaired:
         progress(ProgressEvent("filter", 0, 1))
         fitted = self.fit(classifier, backdoors, clean_data)
         progress(ProgressEvent("filter", 1, 1))
-        return MitigationResult(
-            method=self.method,
-            classifier=classifier,
-            targets=fitted.targets,
-            settings={},
-            seconds=0.0,
-            input_filter=fitted,
-        )
+        return Repaired(classifier, input_filter=fitted)

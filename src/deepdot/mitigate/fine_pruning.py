@@ -9,16 +9,14 @@ the paper compares with. Neither needs the recovered trigger; it is only used to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from deepdot.data import ImageData
-from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, check_pruning_search
-from deepdot.mitigate.layers import bake_pruning, check_bakeable, resolve_layer, unit_activations
-from deepdot.mitigate.prune import fine_tune_pruned, prune_until
-from deepdot.mitigate.result import MitigationResult, PruningOutcome
+from deepdot.mitigate.base import Mitigation, MitigationError, RecoveredBackdoor, Repaired
+from deepdot.mitigate.layers import unit_activations
+from deepdot.mitigate.search import Curve, PruningSearch
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn
 from deepdot.training import TrainConfig, train
@@ -59,20 +57,13 @@ class FineTuning(Mitigation):
         backdoors: tuple[RecoveredBackdoor, ...],
         clean_data: ImageData,
         progress: ProgressFn,
-    ) -> MitigationResult:
+    ) -> Repaired:
         history = train(classifier, clean_data, self.config(), progress=progress)
-        return MitigationResult(
-            method=self.method,
-            classifier=classifier,
-            targets=(),
-            settings={},
-            seconds=0.0,
-            training_loss=tuple(history.loss),
-        )
+        return Repaired(classifier, training_loss=tuple(history.loss))
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinePruning(Mitigation):
+class FinePruning(PruningSearch):
     """Prune dormant last-conv channels until clean accuracy drops by ``max_accuracy_drop``, then
     fine-tune (Fine-Pruning, Sec. 4.3).
 
@@ -102,60 +93,22 @@ class FinePruning(Mitigation):
     def __post_init__(self) -> None:
         if not 0 <= self.max_accuracy_drop < 1:
             raise MitigationError(f"max_accuracy_drop must be in [0, 1), got {self.max_accuracy_drop}")
-        check_pruning_search(
-            "fine-pruning",
-            max_fraction=self.max_fraction,
-            step_fraction=self.step_fraction,
-            fine_tune_epochs=self.fine_tune_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            max_images=self.max_images,
-        )
+        self._check_search("fine-pruning")
 
-    def check(self, classifier: Classifier, clean_data: ImageData) -> None:
-        """The layer resolves, can be hooked, and its pruning can be baked into the weights (tried
-        on a copy with half its units, on the images the search will use)."""
-        layer = resolve_layer(classifier, self.layer, self.method)
-        check_bakeable(classifier, layer, clean_data.take(self.max_images, seed=self.seed).x[:64])
+    def _rank(
+        self, classifier: Classifier, layer: str, data: ImageData, backdoors: tuple[RecoveredBackdoor, ...]
+    ) -> torch.Tensor:
+        """Increasing mean activation on clean inputs: dormant channels first (the trigger is not used)."""
+        return torch.argsort(unit_activations(classifier, data.x, layer).mean(0), stable=True)
 
-    def _run(
-        self,
-        classifier: Classifier,
-        backdoors: tuple[RecoveredBackdoor, ...],
-        clean_data: ImageData,
-        progress: ProgressFn,
-    ) -> MitigationResult:
-        layer = resolve_layer(classifier, self.layer, self.method)
-        data = clean_data.take(self.max_images, seed=self.seed)
-        # Increasing mean activation on clean inputs: dormant channels first.
-        order = torch.argsort(unit_activations(classifier, data.x, layer).mean(0), stable=True)
-        units = len(order)
-        _, curve = prune_until(
-            classifier,
-            layer,
-            order,
-            data,
-            backdoors,
-            step=max(1, math.floor(self.step_fraction * units)),
-            max_units=max(1, math.floor(self.max_fraction * units)),
-            stop=lambda first, point: point.clean_accuracy < first.clean_accuracy - self.max_accuracy_drop,
-            progress=progress,
-            stage="fine-prune",
-        )
-        # The last step that kept accuracy within the margin.
-        within = [p for p in curve if p.clean_accuracy >= curve[0].clean_accuracy - self.max_accuracy_drop]
-        pruned = tuple(int(u) for u in order[: within[-1].pruned])
-        loss: tuple[float, ...] = ()
-        if self.fine_tune_epochs:
-            config = TrainConfig(epochs=self.fine_tune_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
-            loss = fine_tune_pruned(classifier, layer, pruned, clean_data, config, progress)
-        bake_pruning(classifier, layer, pruned, data.x[:64])
-        return MitigationResult(
-            method=self.method,
-            classifier=classifier,
-            targets=(),
-            settings={},
-            seconds=0.0,
-            pruning=PruningOutcome(layer=layer, units=units, pruned_units=pruned, curve=curve),
-            training_loss=loss,
-        )
+    def _floor(self, curve: Curve) -> float:
+        """The lowest clean accuracy within the margin of the unpruned model's."""
+        return curve[0].clean_accuracy - self.max_accuracy_drop
+
+    def _stop(self, curve: Curve) -> bool:
+        """Once clean accuracy has left the margin."""
+        return curve[-1].clean_accuracy < self._floor(curve)
+
+    def _keep(self, curve: Curve) -> int:
+        """The last step that kept accuracy within the margin."""
+        return [p for p in curve if p.clean_accuracy >= self._floor(curve)][-1].pruned

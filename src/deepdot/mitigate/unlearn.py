@@ -16,11 +16,11 @@ from deepdot.mitigate.base import (
     Mitigation,
     MitigationError,
     RecoveredBackdoor,
+    Repaired,
     recovered_success,
     stamp_random,
     with_hardened,
 )
-from deepdot.mitigate.result import MitigationResult
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn
 from deepdot.training import TrainConfig, train
@@ -86,7 +86,7 @@ class Unlearning(Mitigation):
         backdoors: tuple[RecoveredBackdoor, ...],
         clean_data: ImageData,
         progress: ProgressFn,
-    ) -> MitigationResult:
+    ) -> Repaired:
         generator = torch.Generator().manual_seed(self.seed)
         stamps = with_hardened(backdoors, self.harden_threshold if self.stamp_hardened else None)
 
@@ -95,25 +95,16 @@ class Unlearning(Mitigation):
             return stamped, y  # true labels: the trigger must stop mattering
 
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
-        if self.target_attack_success is None or self.epochs == 1:
+        target = self.target_attack_success
+        if target is None or self.epochs == 1:
             history = train(classifier, clean_data, config, batch_transform=with_trigger, progress=progress)
-            return self._result(classifier, history.loss)
+            return Repaired(classifier, training_loss=tuple(history.loss))
         train_part, check = clean_data.split(self.check_fraction, seed=self.seed)
 
         def unlearned(_epochs: int) -> bool:
-            return recovered_success(classifier, check, backdoors, self.harden_threshold) <= self.target_attack_success
+            return recovered_success(classifier, check, backdoors, self.harden_threshold) <= target
 
         history = train(
             classifier, train_part, config, batch_transform=with_trigger, after_epoch=unlearned, progress=progress
         )
-        return self._result(classifier, history.loss)
-
-    def _result(self, classifier: Classifier, loss: list[float]) -> MitigationResult:
-        return MitigationResult(
-            method=self.method,
-            classifier=classifier,
-            targets=(),
-            settings={},
-            seconds=0.0,
-            training_loss=tuple(loss),
-        )
+        return Repaired(classifier, training_loss=tuple(history.loss))
