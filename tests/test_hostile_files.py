@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from typer.testing import CliRunner
 from deepdot.cli import app
 from deepdot.errors import ModelError
 from deepdot.io.models import load_model
+from deepdot.io.scans import load_scan
 from deepdot.models import ARCHITECTURES, build_classifier
 
 DEEPDOT = Path(sys.executable).parent / "deepdot"
@@ -105,6 +107,28 @@ class HugeAllocation(_Net):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         waste = torch.zeros([200000, 200000])  # 160 GB
         return self.fc(x.flatten(1)) + waste.sum() * 0
+
+
+class ListBomb(_Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        waste = [0.0] * 100_000_000
+        return self.fc(x.flatten(1)) + len(waste) * 0
+
+
+class CatInALoop(_Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for _ in range(40):
+            y = torch.cat([y, y])
+        return self.fc(x.flatten(1)) + y.sum() * 0
+
+
+class Spin(_Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = 0
+        while i >= 0:
+            i = (i + 1) % 1000
+        return self.fc(x.flatten(1))
 
 
 class Plain(_Net):
@@ -190,6 +214,51 @@ def _torchbind(folder: Path) -> Path:
     )
 
 
+def _flatbuffer_polyglot(folder: Path, target: Path) -> Path:
+    """PyTorch's flatbuffer format with a harmless zip appended: a zip reader sees the zip,
+    ``torch.jit.load`` loads the flatbuffer (and runs its objects' ``__setstate__``)."""
+    source = f"""
+import torch
+from typing import Tuple
+
+@torch.jit.script
+class Cfg(object):
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+    def __getstate__(self) -> Tuple[torch.Tensor, int]:
+        return (self.w, 1)
+    def __setstate__(self, state: Tuple[torch.Tensor, int]):
+        self.w = torch.from_file({str(target)!r}, True, 6, dtype=torch.uint8).fill_(69)
+"""
+    module_file = folder / "cfg_payload.py"
+    module_file.write_text(source)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg_payload", module_file)
+    payload = importlib.util.module_from_spec(spec)
+    sys.modules["cfg_payload"] = payload  # TorchScript reads the class's source through its module
+    try:
+        spec.loader.exec_module(payload)  # type: ignore[union-attr]
+    finally:
+        del sys.modules["cfg_payload"]
+
+    class Evil(Plain):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cfg = payload.Cfg(torch.zeros(1))
+
+    flat = folder / "evil.ff"
+    torch.jit.save_jit_module_to_flatbuffer(torch.jit.script(Evil()), str(flat))
+    benign = _save(torch.jit.script(Plain()), folder / "benign.pt")
+    out = folder / "polyglot.pt"
+    out.write_bytes(flat.read_bytes())
+    with zipfile.ZipFile(benign) as src, zipfile.ZipFile(out, "a", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info.filename))
+    out.with_suffix(".json").write_text(json.dumps({"input_shape": [1, 16, 16]}))
+    return out
+
+
 HOSTILE_TORCHSCRIPT = {
     # name: (builder(folder, target) -> path, text the one error line names)
     "from_file in forward": (lambda d, t: _save(_scripted(FromFileInForward, t), d / "m.pt"), "aten::from_file"),
@@ -203,6 +272,10 @@ HOSTILE_TORCHSCRIPT = {
     "print": (lambda d, t: _save(_scripted(PrintInForward), d / "m.pt"), "prim::Print"),
     "random state": (lambda d, t: _save(_scripted(SeedInForward), d / "m.pt"), "aten::rand"),
     "huge allocation": (lambda d, t: _save(_scripted(HugeAllocation), d / "m.pt"), "aten::zeros"),
+    "a list the file sizes": (lambda d, t: _save(_scripted(ListBomb), d / "m.pt"), "on a list"),
+    "tensor work in a loop": (lambda d, t: _save(_scripted(CatInALoop), d / "m.pt"), "inside a loop"),
+    "a loop that never ends": (lambda d, t: _save(_scripted(Spin), d / "m.pt"), "prim::Loop"),
+    "flatbuffer and zip in one file": (_flatbuffer_polyglot, "not a plain TorchScript zip"),
 }
 
 
@@ -220,6 +293,52 @@ def test_hostile_torchscript_is_refused_before_it_runs(tmp_path, case):
     assert not target.exists()
     assert snapshot(tmp_path) == before
     assert environment_snapshot() == env_before
+
+
+def test_an_onnx_tensor_naming_another_file_is_refused_even_on_a_dead_node(saved_models, tmp_path):
+    """A Constant nobody reads, whose data 'lives' in notes.txt: onnx's own save would write it there."""
+    onnx = pytest.importorskip("onnx")
+    from deepdot.io.export import export_onnx
+
+    path = export_onnx(load_model(saved_models["badnets"]), tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    value = onnx.helper.make_tensor("dead_value", onnx.TensorProto.UINT8, [6], b"pwned\n", raw=True)
+    value.data_location = onnx.TensorProto.EXTERNAL
+    value.external_data.add(key="location", value="notes.txt")
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["dead"], value=value))
+    onnx.save(model, str(path), save_as_external_data=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own notes\n")
+    assert_refused(run_cli(["evaluate", path, "--data", "digits"], cwd=tmp_path), "another file")
+    assert notes.read_text() == "the user's own notes\n"
+
+
+def test_a_planted_checkpoint_cannot_forge_a_verdict(saved_models, tmp_path, monkeypatch):
+    """Anyone with the model and data can compute a checkpoint's key; only this user's secret
+    signs its label files."""
+    import deepdot.io.checkpoint as checkpoint
+
+    out = tmp_path / "scan"
+    first = _scan(saved_models["badnets"], "digits", out)
+    assert first.exit_code == 1, first.output
+    key = json.loads((out / ".checkpoint" / "key.json").read_text())["key"]
+    forger = checkpoint.Checkpoint(out, key)
+    monkeypatch.setattr(checkpoint, "_SECRET", [b"the attacker's own secret, not the user's"])
+    for item in load_scan(out).labels:  # every label as large as the rest: "no backdoor"
+        forger.save(replace(item, mask_l1=20.0 + 0.1 * item.label))
+    monkeypatch.undo()
+    again = _scan(saved_models["badnets"], "digits", out)
+    assert again.exit_code == 1 and "resuming" not in again.output, again.output
+
+
+def test_a_closed_output_pipe_is_not_a_verdict(saved_models, tmp_path):
+    proc = subprocess.Popen(
+        [str(DEEPDOT), "evaluate", str(saved_models["clean"]), "--data", "digits"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()  # type: ignore[union-attr]
+    proc.wait(timeout=120)
+    assert proc.returncode in (0, 2)
 
 
 def test_allow_code_is_what_lets_a_trusted_file_run(tmp_path):

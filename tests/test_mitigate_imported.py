@@ -291,7 +291,7 @@ def test_torchscript_unlearns_and_refuses_pruning_in_one_line(
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and str(source) in errors[0] and "TorchScript" in errors[0], result.output
-        assert "--method unlearn or fine-tune" in errors[0]
+        assert "unlearning or fine-tuning" in errors[0] and "(options: --method)" in errors[0]
         assert "mitigating" not in result.output and summary is None
 
     # Nor can a saved filter screen inputs with it.

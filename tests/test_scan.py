@@ -70,8 +70,9 @@ def test_preprocessing_mismatch_stops_the_scan(badnets_digits, digits_test):
     wrong = Classifier(
         model.network, input_shape=model.input_shape, num_classes=10, preprocess={"mean": [1.0], "std": [1.0]}
     )
-    with pytest.raises(PreprocessingMismatch, match="--preprocess"):
+    with pytest.raises(PreprocessingMismatch, match="preprocessing mismatch") as caught:
         FastNeuralCleanse(steps=5).scan(wrong, digits_test)
+    assert "preprocess" in caught.value.settings  # the command line names its flag
 
 
 def test_reference_cost_schedule():

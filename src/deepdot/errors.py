@@ -4,9 +4,15 @@
 class DeepdotError(Exception):
     """A problem with the user's input or set-up, described in one line.
 
-    The message should name the file or option concerned and what is wrong with it, so the
-    CLI can print it without a traceback.
+    The message should name the file concerned and what is wrong with it, so the CLI can print it
+    without a traceback. The library's messages describe the problem, not command-line flags:
+    ``settings`` names the settings that would change the outcome (``"preprocess"``,
+    ``"layer"``…) and the command line adds its own spelling of them.
     """
+
+    def __init__(self, message: str = "", *, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 class DataError(DeepdotError):

@@ -157,8 +157,8 @@ class ScanResult:
             entries = list(data["labels"])
             labels = tuple(
                 LabelTrigger(
-                    label=int(e["label"]),
-                    trigger=triggers[int(e["label"])],
+                    label=_whole(e["label"]),
+                    trigger=triggers[_whole(e["label"])],
                     mask_l1=float(e["mask_l1"]),
                     attack_success_rate=float(e["attack_success_rate"]),
                     reached_threshold=bool(e["reached_threshold"]),
@@ -176,7 +176,7 @@ class ScanResult:
                 mad=float(data["mad"]),
                 anomaly_index=float(data["anomaly_index"]),
                 indices=tuple(index[v] for v in order),
-                flagged=tuple(int(v) for v in data["flagged"]),
+                flagged=tuple(_whole(v) for v in data["flagged"]),
                 labels=order,
                 threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
             )
@@ -196,3 +196,10 @@ class ScanResult:
             raise DeepdotError(f"not a complete scan result: {exc.args[0]!r} is missing") from exc
         except (TypeError, ValueError, AttributeError) as exc:
             raise DeepdotError(f"not a scan result ({exc})") from exc
+
+
+def _whole(value: Any) -> int:
+    """A label read from JSON: a whole number, not 7.5 or "7"."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"labels are whole numbers, got {value!r}")
+    return value

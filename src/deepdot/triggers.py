@@ -30,6 +30,8 @@ class Trigger:
             raise DeepdotError(
                 f"trigger mask must be H×W and pattern C×H×W, got {tuple(self.mask.shape)} and {tuple(self.pattern.shape)}"
             )
+        if self.mask.numel() == 0 or self.pattern.shape[0] == 0:
+            raise DeepdotError(f"trigger is empty ({tuple(self.pattern.shape)})")
         if tuple(self.mask.shape) != tuple(self.pattern.shape[1:]):
             raise DeepdotError(
                 f"trigger mask {tuple(self.mask.shape)} and pattern {tuple(self.pattern.shape)} differ in size"

@@ -66,6 +66,28 @@ def _describe_crash(exc: BaseException) -> str:
     return f"internal error ({what}); this is a bug in deepdot: rerun as `deepdot --debug ...` for the traceback and report it"
 
 
+#: the command-line spelling of the settings a library error names (DeepdotError.settings)
+FLAGS = {
+    "preprocess": "--preprocess",
+    "min_clean_accuracy": "--min-accuracy",
+    "layer": "--layer",
+    "method": "--method",
+    "arch": "--arch",
+    "allow_code": "--allow-code",
+    "labels": "--labels",
+}
+
+
+def _flags_for(exc: BaseException) -> str:
+    """`` (options: --a, --b)`` for the settings named by ``exc`` or the errors it wraps."""
+    names: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        names += [FLAGS[s] for s in getattr(seen, "settings", ()) if s in FLAGS and FLAGS[s] not in names]
+        seen = seen.__cause__
+    return f" (options: {', '.join(names)})" if names else ""
+
+
 def handle_errors(func: F) -> F:
     """The one place where a command's failures become exit codes, so that exit 1 stays the
     verdict "backdoor found" and nothing else:
@@ -80,8 +102,12 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, SystemExit):
+        except (typer.Exit, typer.Abort):
             raise
+        except SystemExit as exc:  # from a library (rich exits 1 when stdout is a closed pipe): never a verdict
+            if exc.code in (0, None):
+                raise
+            raise typer.Exit(EXIT_INPUT) from None
         except KeyboardInterrupt as exc:
             code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
             how = "terminated" if code == EXIT_TERMINATED else "interrupted"
@@ -90,7 +116,7 @@ def handle_errors(func: F) -> F:
         except DeepdotError as exc:
             if _state["debug"]:
                 raise
-            fail(str(exc))
+            fail(str(exc) + _flags_for(exc))
         except Exception as exc:  # noqa: BLE001 - the structural net: never a traceback, never exit 1
             if _state["debug"]:
                 raise

@@ -394,6 +394,8 @@ def load_data(spec: str | Path, *, split: str = "test", num_classes: int | None 
         with reading(path, "image folder"):
             return _load_folder(path, num_classes)
     suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
     if suffix == ".npz":
         with reading(path, ".npz file"):
             return _load_npz(path, split, num_classes)

@@ -65,8 +65,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise DeepdotError(f"{p}: no such file") from exc
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeepdotError(f"{p}: not readable JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, not UTF-8
+        raise DeepdotError(f"{p}: not readable JSON ({str(exc)[:160] or type(exc).__name__})") from exc
 
 
 def to_uint8_image(t: torch.Tensor) -> np.ndarray:
@@ -116,6 +116,8 @@ def save_trigger(trigger: Trigger, path: str | Path) -> Path:
         except OSError as exc:
             raise DeepdotError(f"{p}: cannot write ({exc.strerror or exc})") from exc
         return p
+    if p.is_symlink():  # planted: never write through it to somewhere else
+        p.unlink()
     ensure_dir(p)
     save_png(p / "mask.png", trigger.mask)
     save_png(p / "pattern.png", trigger.pattern)

@@ -247,9 +247,13 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
 def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive is a zip holding compiled code (``code/...``), as PyTorch's own
-    archive reader (the one ``torch.jit.load`` uses) sees it."""
+    """A TorchScript archive holds compiled code (``code/...``). Anything that could be loaded as
+    TorchScript is treated as such: a zip with code as PyTorch's own archive reader sees it, and
+    PyTorch's flatbuffer format (``PTMF`` at offset 4), which the TorchScript reader then refuses."""
     try:
+        with open(path, "rb") as f:
+            if f.read(8)[4:8] == b"PTMF":
+                return True
         reader = torch._C.PyTorchFileReader(str(path))
         return any(name.startswith("code/") for name in reader.get_all_records())
     except Exception:  # noqa: BLE001 - not an archive PyTorch can read: not TorchScript
@@ -270,6 +274,7 @@ def _load_torch(
 
         module, embedded = load_torchscript(path, allow_code=allow_code)
         return _wrap(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
+    _check_unpacked_size(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -289,6 +294,16 @@ def _load_torch(
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a model")
     return _from_state_dict(path, _unwrap_state_dict(path, obj), arch or meta.get("architecture"), meta, preprocess)
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """Bound what ``torch.load`` will unpack: a zip's records may be compressed far below their size."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        size = sum(int(reader.get_record_size(name)) for name in reader.get_all_records())
+    except Exception:  # noqa: BLE001 - not a zip PyTorch reads: the file is all there is
+        size = path.stat().st_size
+    MODEL_BYTES.check(size, f"{path}: the file's contents", ModelError)
 
 
 def _load_trusted_pickle(path: Path) -> Any:

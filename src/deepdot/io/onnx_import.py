@@ -123,6 +123,7 @@ def _load_onnx(p: Path, onnx: Any) -> ConvertedModel:
         raise ModelError(f"{p}: corrupt, truncated or not an ONNX model ({short_reason(exc)})") from exc
     if not model.graph.node:
         raise ModelError(f"{p}: corrupt, truncated or not an ONNX model (its graph has no nodes)")
+    _refuse_external_anywhere(p, model, onnx)
     converted = _convert_graph(model.graph, onnx, _Budget(p))
     check_input_shape(p, converted.input_shape)
     metadata = {str(prop.key): str(prop.value) for prop in model.metadata_props}
@@ -136,6 +137,45 @@ def _load_onnx(p: Path, onnx: Any) -> ConvertedModel:
         metadata=metadata,
         layer_modules=converted.layer_modules,
     )
+
+
+def _refuse_external_anywhere(path: Path, model: Any, onnx: Any) -> None:
+    """Refuse a tensor whose data lives in another file anywhere in the model: initializers and
+    every node's attributes (also nodes the output never needs), subgraphs and functions. Such
+    a tensor names a file, which reading would open and onnx's own save would write."""
+    external = onnx.TensorProto.EXTERNAL
+
+    def tensors_of(graph: Any) -> Any:
+        yield from graph.initializer
+        for node in graph.node:
+            yield from _attribute_tensors(node.attribute, onnx, tensors_of)
+
+    graphs = [model.graph, *(f for f in model.functions)]
+    for graph in graphs:
+        nodes_only = not hasattr(graph, "initializer")
+        found = (
+            _attribute_tensors([a for n in graph.node for a in n.attribute], onnx, tensors_of)
+            if nodes_only
+            else tensors_of(graph)
+        )
+        for tensor in found:
+            if tensor.data_location == external or len(tensor.external_data):
+                raise ModelError(
+                    f"{path}: refused: tensor {str(tensor.name)!r} keeps its data in another file; deepdot reads "
+                    "self-contained ONNX files only"
+                )
+
+
+def _attribute_tensors(attributes: Any, onnx: Any, tensors_of: Any) -> Any:
+    """Tensors held by node attributes, including those of subgraphs."""
+    for attr in attributes:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("g"):
+            yield from tensors_of(attr.g)
+        for sub in attr.graphs:
+            yield from tensors_of(sub)
 
 
 class _Budget:
@@ -685,7 +725,9 @@ def write_onnx_weights(
         model.metadata_props.add(key=key, value=value)
     try:
         with replacing(out) as tmp:
-            onnx.save(model, str(tmp))
+            # the serialized bytes, never onnx.save: its external-data pass writes tensor bytes to
+            # file names the model itself chooses
+            tmp.write_bytes(model.SerializeToString())
     except OSError as exc:
         raise ModelError(f"{out}: cannot write the model there ({exc.strerror or exc})") from exc
     return out

@@ -35,6 +35,7 @@ pruning needs hooks); that is left to the architectures issue, which widens the 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ from deepdot.errors import ModelError
 from deepdot.io.limits import MODEL_BYTES
 
 # Load-time code: ``__setstate__`` methods (scripted classes) and torchbind classes (C++ objects
-# whose ``__setstate__`` runs while unpickling).
-_LOAD_TIME_MARKERS = (b"__setstate__", b"torch.classes")
+# whose ``__setstate__`` runs while unpickling); ``__getstate__`` runs when a model is saved again
+# (``deepdot mitigate`` copies TorchScript models by saving and reloading them).
+_LOAD_TIME_MARKERS = (b"__setstate__", b"__getstate__", b"torch.classes")
 
 # Operators a classifier's forward pass may use. Everything else is refused (see module doc).
 ALLOWED_OPS = frozenset(
@@ -54,7 +56,6 @@ ALLOWED_OPS = frozenset(
         # convolution and linear algebra
         "aten::_convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution",
         "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm",
-        "aten::einsum",
         # pooling
         "aten::max_pool1d", "aten::max_pool2d", "aten::max_pool3d", "aten::avg_pool1d", "aten::avg_pool2d",
         "aten::avg_pool3d", "aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d", "aten::adaptive_max_pool2d",
@@ -103,10 +104,33 @@ ALLOWED_OPS = frozenset(
 )  # fmt: skip
 
 
-def check_archive(path: Path) -> None:
-    """Refuse an archive that would run code or exhaust memory while ``torch.jit.load`` reads it."""
+def read_archive(path: Path) -> bytes:
+    """The archive's bytes, read once: the checks and the loader must see the same bytes (a file
+    swapped between check and load, or read differently by two readers, would slip through).
+
+    Only a plain zip is accepted: ``torch.jit.load`` also takes PyTorch's flatbuffer format,
+    which it recognises by the bytes ``PTMF`` at offset 4 *before* looking for a zip, while the
+    zip reader finds a zip appended at the end. A file that is both would be checked as its
+    harmless zip and loaded as its flatbuffer (whose ``__setstate__`` runs at load).
+    """
     try:
-        reader = torch._C.PyTorchFileReader(str(path))
+        MODEL_BYTES.check(path.stat().st_size, f"{path}: the TorchScript archive", ModelError)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if not data.startswith(b"PK\x03\x04") or data[4:8] == b"PTMF":
+        raise ModelError(
+            f"{path}: refused: not a plain TorchScript zip archive (other layouts can hide code); "
+            "if you trust the file, pass --allow-code"
+        )
+    return data
+
+
+def check_archive(path: Path, data: bytes) -> None:
+    """Refuse an archive (its bytes ``data``) that would run code or exhaust memory while
+    ``torch.jit.load`` reads it."""
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         records = reader.get_all_records()
         sizes = {name: int(reader.get_record_size(name)) for name in records}
     except (RuntimeError, ValueError, OSError) as exc:
@@ -123,7 +147,7 @@ def check_archive(path: Path) -> None:
             if marker in content:
                 raise ModelError(
                     f"{path}: refused: its record {name} holds {marker.decode()}, code that would run while the "
-                    "file is loaded; if you trust the file, pass --allow-code"
+                    "file is loaded or saved; if you trust the file, pass --allow-code"
                 )
 
 
@@ -136,7 +160,7 @@ def check_module(module: torch.jit.ScriptModule, path: Path) -> None:
         if bad is not None:
             where = f"{owner}.{name}" if owner else name
             raise ModelError(
-                f"{path}: refused: {where} uses the operator {bad}, which is not a pure tensor operation "
+                f"{path}: refused: {where} uses {bad}, which is not among the pure, bounded tensor operations "
                 "deepdot allows in TorchScript; if you trust the file, pass --allow-code"
             )
 
@@ -151,11 +175,15 @@ def load_torchscript(path: Path, *, allow_code: bool = False) -> tuple[torch.jit
     Raises:
         ModelError: one line naming the file and what was refused or is corrupt.
     """
-    if not allow_code:
-        check_archive(path)
+    if allow_code:
+        source: Any = str(path)
+    else:
+        data = read_archive(path)
+        check_archive(path, data)
+        source = io.BytesIO(data)  # the very bytes that were checked
     extra = {"model.json": ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        module = torch.jit.load(source, map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError) as exc:
         raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_short(exc)})") from exc
     if not allow_code:
@@ -184,15 +212,43 @@ def _graphs(module: torch.jit.ScriptModule) -> list[tuple[str, str, torch.Graph]
     return found
 
 
-def _first_forbidden(block: torch.Block) -> str | None:
+#: arithmetic that TorchScript also defines on lists (``[0.0] * 100_000_000``): tensors only
+_LIST_ARITHMETIC = frozenset({"aten::add", "aten::add_", "aten::mul", "aten::mul_"})
+#: how a loop's trip count may be computed for the loop to count as bounded
+_COUNTS = frozenset({"aten::len", "aten::dim", "aten::sub", "aten::add", "aten::__range_length", "prim::min"})
+MAX_CONSTANT_TRIPS = 64
+
+
+def _first_forbidden(block: torch.Block, in_loop: bool = False) -> str | None:
+    """The first operator of ``block`` (and its sub-blocks) that may not run, described."""
     for node in block.nodes():
-        if node.kind() not in ALLOWED_OPS:
-            return node.kind()
+        kind = node.kind()
+        if kind not in ALLOWED_OPS:
+            return kind
+        outputs = [o.type().kind() for o in node.outputs()]
+        if kind in _LIST_ARITHMETIC and "ListType" in outputs:
+            return f"{kind} on a list (a size the file chooses)"
+        if in_loop and "TensorType" in outputs:
+            return f"{kind} inside a loop (tensor work repeated a number of times the file chooses)"
+        if kind == "prim::Loop" and not _bounded(node.inputsAt(0)):
+            return "prim::Loop without a small fixed bound (a while loop, or a count the file chooses)"
         for sub in node.blocks():
-            bad = _first_forbidden(sub)
+            bad = _first_forbidden(sub, in_loop or kind == "prim::Loop")
             if bad is not None:
                 return bad
     return None
+
+
+def _bounded(count: torch.Value) -> bool:
+    """Whether a loop's trip count is a small constant, or arithmetic on sizes and lengths
+    (scripted modules loop over a tensor's dimensions to check them)."""
+    node = count.node()
+    if node.kind() == "prim::Constant":
+        value = count.toIValue()
+        return isinstance(value, int) and 0 <= value <= MAX_CONSTANT_TRIPS
+    if node.kind() in ("aten::len", "aten::dim"):
+        return True
+    return node.kind() in _COUNTS and all(_bounded(v) for v in node.inputs())
 
 
 def _short(exc: BaseException) -> str:

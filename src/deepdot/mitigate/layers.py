@@ -47,8 +47,9 @@ def resolve_layer(classifier: Classifier, layer: str, method: str = "this mitiga
     if is_torchscript(classifier):
         raise MitigationError(
             f"{method} cannot run on a TorchScript model: it works on the units of layer {layer!r} through "
-            "forward hooks, which TorchScript modules do not take; use --method unlearn or fine-tune, or give "
-            "the model as ONNX, Keras, safetensors or a state_dict"
+            "forward hooks, which TorchScript modules do not take; use unlearning or fine-tuning, or give "
+            "the model as ONNX, Keras, safetensors or a state_dict",
+            settings=("method",),
         )
     if layer == "penultimate":
         name = classifier.penultimate_layer
@@ -58,8 +59,9 @@ def resolve_layer(classifier: Classifier, layer: str, method: str = "this mitiga
         name = layer
     if not name:
         raise MitigationError(
-            f"the model does not record its {layer.replace('_', ' ')} layer; name one with --layer NAME "
-            f"(layers: {', '.join(classifier.layer_names())})"
+            f"the model does not record its {layer.replace('_', ' ')} layer; name one "
+            f"(layers: {', '.join(classifier.layer_names())})",
+            settings=("layer",),
         )
     module = classifier._module(name)  # raises a one-line error for an unknown name
     if isinstance(module, torch.jit.ScriptModule):
@@ -291,7 +293,8 @@ def bake_pruning(classifier: Classifier, layer: str, units: Sequence[int], probe
     if changed is None:
         raise MitigationError(
             f"cannot prune units of layer {layer!r} through this network's weights (no conv or dense layer "
-            "makes or reads them alone); choose another layer with --layer"
+            "makes or reads them alone); choose another layer",
+            settings=("layer",),
         )
     return changed
 
