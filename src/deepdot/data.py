@@ -59,7 +59,9 @@ class ImageData:
                 f"{'x'.join(map(str, input_shape))}"
             )
         if self.num_classes > num_classes:
-            raise DataError(f"{self.name}: labels go up to {self.num_classes - 1} but the model has {num_classes} classes")
+            raise DataError(
+                f"{self.name}: labels go up to {self.num_classes - 1} but the model has {num_classes} classes"
+            )
         return ImageData(self.x, self.y, num_classes, self.name, self.groups)
 
     def subset(self, index: torch.Tensor | np.ndarray | list[int], name: str | None = None) -> ImageData:

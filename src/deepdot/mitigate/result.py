@@ -71,8 +71,8 @@ class MitigationResult:
 
     Attributes:
         method: ``filter``, ``prune``, ``unlearn``, ``fine-tune`` or ``fine-prune``.
-        classifier: the repaired model (a copy; for ``filter`` the unchanged model the filter
-            screens inputs for).
+        classifier: the repaired model (a copy; for ``filter`` the very model given to
+            ``apply``, unchanged, whose inputs the filter screens).
         targets: the labels whose recovered triggers were mitigated.
         settings: the algorithm's settings.
         seconds: wall time.
