@@ -209,8 +209,8 @@ def _torchbind(folder: Path) -> Path:
     return _edit_code(
         clean,
         folder / "torchbind.pt",
-        "  fc : __torch__.torch.nn.modules.linear.Linear\n",
-        "  fc : __torch__.torch.nn.modules.linear.Linear\n  packed : __torch__.torch.classes.quantized.LinearPackedParamsBase\n",
+        "  target : str\n",  # only _Net has it (a layer's type name may be mangled when scripted twice)
+        "  target : str\n  packed : __torch__.torch.classes.quantized.LinearPackedParamsBase\n",
     )
 
 
@@ -309,7 +309,7 @@ def test_an_onnx_tensor_naming_another_file_is_refused_even_on_a_dead_node(saved
     onnx.save(model, str(path), save_as_external_data=False)
     notes = tmp_path / "notes.txt"
     notes.write_text("the user's own notes\n")
-    assert_refused(run_cli(["evaluate", path, "--data", "digits"], cwd=tmp_path), "another file")
+    assert_refused(run_cli(["evaluate", path, "--data", "digits"], cwd=tmp_path), "external file")
     assert notes.read_text() == "the user's own notes\n"
 
 

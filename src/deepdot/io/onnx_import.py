@@ -161,7 +161,7 @@ def _refuse_external_anywhere(path: Path, model: Any, onnx: Any) -> None:
         for tensor in found:
             if tensor.data_location == external or len(tensor.external_data):
                 raise ModelError(
-                    f"{path}: refused: tensor {str(tensor.name)!r} keeps its data in another file; deepdot reads "
+                    f"{path}: refused: tensor {str(tensor.name)!r} is stored in an external file; deepdot reads "
                     "self-contained ONNX files only"
                 )
 
