@@ -49,7 +49,7 @@ from deepdot.io.convert import (
     short_reason,
 )
 from deepdot.io.files import replacing
-from deepdot.io.limits import MODEL_BYTES
+from deepdot.io.limits import MODEL_BYTES, Budget, weights_budget
 
 SUPPORTED_LAYERS = (
     "InputLayer",
@@ -141,7 +141,7 @@ def _load_keras_h5(p: Path) -> ConvertedModel:
             )
         config = _parse_config(raw)
         root = f["model_weights"] if "model_weights" in f else f
-        return convert_config(config, _h5_weight_reader(root, _Budget(p)), p)
+        return convert_config(config, _h5_weight_reader(root, weights_budget(p)), p)
 
 
 # -- hostile files ---------------------------------------------------------------------------
@@ -271,20 +271,7 @@ def _check_dataset(ds: Any, name: str, path: Path) -> None:
             raise ModelError(f"{path}: refused: data set {name!r} is encoded with HDF5 filter plugin {code}")
 
 
-class _Budget:
-    """The bytes of weights read so far, bounded by :data:`~deepdot.io.limits.MODEL_BYTES`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.total = 0
-
-    def take(self, nbytes: int) -> None:
-        """Count ``nbytes`` more, before they are allocated; ModelError past the limit."""
-        self.total += nbytes
-        MODEL_BYTES.check(self.total, f"{self.path}: weights", ModelError)
-
-
-def _read_weight(ds: Any, what: str, budget: _Budget) -> np.ndarray:
+def _read_weight(ds: Any, what: str, budget: Budget) -> np.ndarray:
     """A weight data set as float32, once its declared size is within the limit and, when stored
     in one piece, the file holds exactly the bytes its shape declares."""
     import h5py
@@ -326,7 +313,7 @@ def _parse_config(raw: Any) -> dict[str, Any]:
     return config
 
 
-def _h5_weight_reader(root: Any, budget: _Budget) -> WeightReader:
+def _h5_weight_reader(root: Any, budget: Budget) -> WeightReader:
     """Weights of a layer in a Keras 2 / Keras 3 legacy HDF5 file, keyed by short name."""
 
     def read(layer: str, _cls: str) -> dict[str, np.ndarray]:
@@ -394,7 +381,7 @@ def _load_keras_zip(p: Path) -> ConvertedModel:
     with h5py.File(io.BytesIO(weights_blob), "r") as f:
         check_self_contained(f, p)
         datasets = _zip_layer_datasets(f, config)
-        budget = _Budget(p)
+        budget = weights_budget(p)
 
         def read(layer: str, cls: str) -> dict[str, np.ndarray]:
             return {short: _read_weight(ds, f"{layer}/{short}", budget) for short, ds in datasets(layer, cls).items()}

@@ -60,3 +60,24 @@ class Limit:
 DATA_BYTES = Limit("DEEPDOT_MAX_DATA_MB", 2048, "MB")  # GTSRB's test set decodes to 155 MB
 IMAGE_PIXELS = Limit("DEEPDOT_MAX_IMAGE_PIXELS", 4096 * 4096, "pixels")
 MODEL_BYTES = Limit("DEEPDOT_MAX_MODEL_MB", 4096, "MB")
+
+
+class Budget:
+    """A running total of bytes read from one file, bounded by a :class:`Limit` (the importers
+    count each weight before allocating it)."""
+
+    def __init__(self, path: object, limit: Limit, what: str, error: type[DeepdotError]) -> None:
+        self.path, self.limit, self.what, self.error = path, limit, what, error
+        self.total = 0
+
+    def take(self, nbytes: int) -> None:
+        """Count ``nbytes`` more, before they are allocated; ``error`` past the limit."""
+        self.total += nbytes
+        self.limit.check(self.total, f"{self.path}: {self.what}", self.error)
+
+
+def weights_budget(path: object) -> Budget:
+    """The bytes of weights a model importer reads from ``path``, bounded by :data:`MODEL_BYTES`."""
+    from deepdot.errors import ModelError
+
+    return Budget(path, MODEL_BYTES, "weights", ModelError)

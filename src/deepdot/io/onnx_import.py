@@ -40,7 +40,7 @@ from deepdot.io.convert import (
     short_reason,
 )
 from deepdot.io.files import replacing
-from deepdot.io.limits import MODEL_BYTES
+from deepdot.io.limits import MODEL_BYTES, Budget, weights_budget
 
 SUPPORTED_OPS = (
     "Conv",
@@ -124,7 +124,7 @@ def _load_onnx(p: Path, onnx: Any) -> ConvertedModel:
     if not model.graph.node:
         raise ModelError(f"{p}: corrupt, truncated or not an ONNX model (its graph has no nodes)")
     _refuse_external_anywhere(p, model, onnx)
-    converted = _convert_graph(model.graph, onnx, _Budget(p))
+    converted = _convert_graph(model.graph, onnx, weights_budget(p))
     check_input_shape(p, converted.input_shape)
     metadata = {str(prop.key): str(prop.value) for prop in model.metadata_props}
     return ConvertedModel(
@@ -176,19 +176,6 @@ def _attribute_tensors(attributes: Any, onnx: Any, tensors_of: Any) -> Any:
             yield from tensors_of(attr.g)
         for sub in attr.graphs:
             yield from tensors_of(sub)
-
-
-class _Budget:
-    """The bytes of tensor data read so far, bounded by :data:`~deepdot.io.limits.MODEL_BYTES`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.total = 0
-
-    def take(self, nbytes: int) -> None:
-        """Count ``nbytes`` more, before they are allocated; ModelError past the limit."""
-        self.total += nbytes
-        MODEL_BYTES.check(self.total, f"{self.path}: weights", ModelError)
 
 
 #: The type of each attribute the supported operators read: a corrupt file may hold anything.
@@ -272,7 +259,7 @@ _TYPED_FIELDS = {
 _FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16")
 
 
-def _to_tensor(proto: Any, onnx: Any, budget: _Budget) -> torch.Tensor:
+def _to_tensor(proto: Any, onnx: Any, budget: Budget) -> torch.Tensor:
     """A TensorProto as a tensor, once its size is within the limit and its data matches its dims."""
     name = proto.name
     if proto.data_location == onnx.TensorProto.EXTERNAL:
@@ -312,7 +299,7 @@ def _data_type_values(onnx: Any) -> set[int]:
     return set(onnx.TensorProto.DataType.values())
 
 
-def _convert_graph(graph: Any, onnx: Any, budget: _Budget) -> ConvertedModel:
+def _convert_graph(graph: Any, onnx: Any, budget: Budget) -> ConvertedModel:
     _check_names(graph)
     constants: dict[str, torch.Tensor] = {init.name: _to_tensor(init, onnx, budget) for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in constants]
