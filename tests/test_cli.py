@@ -57,6 +57,9 @@ def test_scan_exit_codes_and_outputs(saved_models, tmp_path):
     assert report["flagged"] == [7] and report["infected"] is True and report["anomaly_index"] > 2
     for key in ("labels", "median", "mad", "seconds", "image_passes"):
         assert key in report
+    from deepdot.io.models import model_digest
+
+    assert report["model_sha256"] == model_digest(saved_models["badnets"])
     assert {"label", "mask_l1", "attack_success_rate"} <= set(report["labels"][0])
     for kind in ("mask", "pattern", "fusion"):
         assert (tmp_path / "bad" / f"label_7_{kind}.png").exists()

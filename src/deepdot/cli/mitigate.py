@@ -104,7 +104,7 @@ def mitigate_command(
     planted_given = _planted_spec(trigger, target, all_to_all)
     ensure_dir(out)
     classifier = load_model_arg(model, preprocess, arch, allow_code)
-    mitigated, backdoors = _recovered(scan, classifier, parse_ints(labels, "--labels"))
+    mitigated, backdoors = _recovered(scan, model, classifier, parse_ints(labels, "--labels"))
     planted = _planted(planted_given, trigger, classifier)
     save_format = check_save_as(classifier, model)  # before the long work: can the result be written?
     if save_format.note:
@@ -169,13 +169,18 @@ def _planted(goal: int | None, trigger: Path | None, classifier: Any) -> Any:
     return PlantedBackdoor(goal, load_trigger(trigger, classifier.input_shape))
 
 
-def _recovered(scan: Path, classifier: Any, labels: list[int] | None) -> tuple[list[int], list[Any]]:
+def _recovered(scan: Path, model: Path, classifier: Any, labels: list[int] | None) -> tuple[list[int], list[Any]]:
     """The labels to mitigate and their recovered backdoors, from the scan folder."""
+    from deepdot.io.files import read_json
+    from deepdot.io.models import model_digest
     from deepdot.io.scans import PNG_NOTE, load_scan, select_recovered
 
     result = load_scan(scan, classifier.input_shape)
     if PNG_NOTE in result.warnings:
         console.print(f"note: {PNG_NOTE}", markup=False)
+    recorded = read_json(scan_json_path(scan)).get("model_sha256")
+    if recorded and recorded != model_digest(model):
+        console.print(f"note: {scan_json_path(scan)} was made for other model bytes than {model}", markup=False)
     try:
         mitigated, backdoors = select_recovered(result, labels)
     except DeepdotError as exc:

@@ -129,7 +129,12 @@ def scan_command(
             on_label=checkpoint.save,
             progress=bars,
         )
-    facts = {"model": str(model), "data": scan_data.name, "output_kind": classifier.output_kind}
+    facts = {
+        "model": str(model),
+        "model_sha256": checkpoint.key["model"],
+        "data": scan_data.name,
+        "output_kind": classifier.output_kind,
+    }
     json_path = write_scan(out, result, {**facts, "objective": classifier.output_note})
     print_scan(console, result, str(model))
     console.print(f"objective: {classifier.output_note}")
