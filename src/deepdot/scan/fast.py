@@ -22,8 +22,8 @@ Same objective, parametrisation, optimiser and cost schedule as :class:`NeuralCl
   absolute deviation is already above the median deviation, freezing it at an inflated size
   leaves the median and the MAD unchanged, as long as its converged size would also stay in the
   upper half of deviations. Labels near and below the median keep their whole budget, so the
-  statistics the verdict rests on stay honest (the trap of DESIGN.md: freezing unconverged labels
-  near the median inflates the MAD and hides the real outlier).
+  statistics the verdict rests on stay honest (the trap measured in benchmarks/RESULTS.md:
+  freezing unconverged labels near the median inflates the MAD and hides the real outlier).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FastNeuralCleanse(TriggerScanner):
             ``None`` (default) picks ``clamp(640 // labels, 16, 128)``: with few labels the MAD
             rests on few values and each must be measured precisely (a mask judged on a handful
             of images looks smaller than it is); with many labels the median and MAD average the
-            noise out and 16 images suffice (DESIGN.md: 43 labels × 16 images per step).
+            noise out and 16 images suffice (43 labels × 16 images per step on GTSRB).
         batch_size: most images per mini-batch (one Adam update); a step's images are split
             into ``ceil(images_per_step / batch_size)`` equal mini-batches.
         lr / init_cost / patience / cost_multiplier: as in :class:`NeuralCleanse` (init_cost

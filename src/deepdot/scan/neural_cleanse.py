@@ -4,7 +4,7 @@ Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neu
 IEEE S&P 2019. For each candidate label t, optimise a mask m (H×W) and pattern p (C×H×W), both
 tanh-parametrised, to minimise ``CE(f((1 - m)·x + m·p), t) + cost · |m|_1`` over clean images,
 with Adam(lr 0.1, betas 0.5/0.9) and the reference's cost schedule, best-mask bookkeeping and
-early stopping (see ``DESIGN.md``, "Neural Cleanse, exactly"). Labels run one after another.
+early stopping (``scan/schedule.py``, shared with the fast scan). Labels run one after another.
 """
 
 from __future__ import annotations
