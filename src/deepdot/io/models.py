@@ -17,18 +17,15 @@ arbitrary code when unpickled) is refused — unless the caller explicitly passe
 from __future__ import annotations
 
 import json
-import pickle
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from deepdot.errors import ModelError
-from deepdot.io.convert import check_input_shape
 from deepdot.io.files import replacing
-from deepdot.io.limits import MODEL_BYTES
+from deepdot.io.foreign import check_finite, read_json_object, sidecar, wrap_network
+from deepdot.io.torch_files import from_state_dict, load_torch
 from deepdot.models import ARCHITECTURES, Classifier, build_classifier
 from deepdot.models.classifier import Preprocess
 
@@ -168,7 +165,7 @@ def load_model(
     else:
         if not p.is_file():
             raise ModelError(f"{p}: no such model file")
-        meta = _sidecar(p)
+        meta = sidecar(p)
         if suffix in KERAS_SUFFIXES or suffix in ONNX_SUFFIXES:
             if suffix in KERAS_SUFFIXES:
                 from deepdot.io.keras_h5 import load_keras
@@ -178,7 +175,7 @@ def load_model(
                 from deepdot.io.onnx_import import load_onnx
 
                 converted = load_onnx(p)
-            classifier = _wrap(
+            classifier = wrap_network(
                 p,
                 converted.network,
                 metadata={**converted.metadata, **meta},
@@ -191,11 +188,11 @@ def load_model(
                 penultimate_layer=converted.penultimate_layer,
             )
         elif suffix in TORCH_SUFFIXES:
-            classifier = _load_torch(p, meta, preprocess, arch, allow_code or allow_pickle, input_shape)
+            classifier = load_torch(p, meta, preprocess, arch, allow_code or allow_pickle, input_shape)
         else:
             known = ", ".join((".safetensors", *KERAS_SUFFIXES, *ONNX_SUFFIXES, *TORCH_SUFFIXES))
             raise ModelError(f"{p}: unsupported model format {p.suffix!r}; deepdot reads {known} and folders")
-    _check_finite(classifier.network, p)
+    check_finite(classifier.network, p)
     return classifier.to(device).eval()
 
 
@@ -222,8 +219,8 @@ def _load_deepdot(path: Path, preprocess: Preprocess | None, arch: str | None) -
                 f"{weights}: no model.json beside it saying which architecture the weights belong to; "
                 f"give one with --arch ({', '.join(ARCHITECTURES)})"
             )
-        return _from_state_dict(weights, state, arch, {}, preprocess)
-    meta = _read_json_object(meta_path)
+        return from_state_dict(weights, state, arch, {}, preprocess)
+    meta = read_json_object(meta_path)
     arch = meta.get("architecture")
     if arch not in ARCHITECTURES:
         raise ModelError(f"{meta_path}: unknown architecture {arch!r}; built in: {', '.join(ARCHITECTURES)}")
@@ -240,258 +237,3 @@ def _load_deepdot(path: Path, preprocess: Preprocess | None, arch: str | None) -
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"{weights}: weights do not match architecture {arch} ({str(exc).splitlines()[0]})") from exc
     return classifier
-
-
-# -- PyTorch files -------------------------------------------------------------------------------
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-
-
-def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive holds compiled code (``code/...``). Anything that could be loaded as
-    TorchScript is treated as such: a zip with code as PyTorch's own archive reader sees it, and
-    PyTorch's flatbuffer format (``PTMF`` at offset 4), which the TorchScript reader then refuses."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(8)[4:8] == b"PTMF":
-                return True
-        reader = torch._C.PyTorchFileReader(str(path))
-        return any(name.startswith("code/") for name in reader.get_all_records())
-    except Exception:  # noqa: BLE001 - not an archive PyTorch can read: not TorchScript
-        return False
-
-
-def _load_torch(
-    path: Path,
-    meta: dict[str, Any],
-    preprocess: Preprocess | None,
-    arch: str | None,
-    allow_code: bool,
-    input_shape: tuple[int, int, int] | None,
-) -> Classifier:
-    """A TorchScript archive, a ``state_dict`` (``weights_only=True``), or — opted in — a pickle."""
-    if _is_torchscript(path):
-        from deepdot.io.torchscript import load_torchscript
-
-        module, embedded = load_torchscript(path, allow_code=allow_code)
-        return _wrap(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
-    _check_unpacked_size(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
-            raise ModelError(f"{path}: corrupt, truncated or not a PyTorch file ({_first_line(exc)})") from exc
-        if not allow_code:
-            raise ModelError(
-                f"{path}: refused: the file holds pickled Python objects (such as a whole nn.Module) and "
-                "unpickling them can run any code; if you trust the file, pass --allow-code, otherwise "
-                "ask for a state_dict, TorchScript, ONNX or safetensors file"
-            ) from exc
-        obj = _load_trusted_pickle(path)
-    except Exception as exc:  # noqa: BLE001 - garbage makes the (code-free) weights-only unpickler fail in many ways
-        raise ModelError(f"{path}: corrupt, truncated or not a PyTorch file ({_first_line(exc)})") from exc
-    if isinstance(obj, nn.Module):
-        return _wrap(path, obj, metadata=meta, preprocess=preprocess, input_shape=input_shape)
-    if not isinstance(obj, Mapping):
-        raise ModelError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a model")
-    return _from_state_dict(path, _unwrap_state_dict(path, obj), arch or meta.get("architecture"), meta, preprocess)
-
-
-def _check_unpacked_size(path: Path) -> None:
-    """Bound what ``torch.load`` will unpack: a zip's records may be compressed far below their size."""
-    try:
-        reader = torch._C.PyTorchFileReader(str(path))
-        size = sum(int(reader.get_record_size(name)) for name in reader.get_all_records())
-    except Exception:  # noqa: BLE001 - not a zip PyTorch reads: the file is all there is
-        size = path.stat().st_size
-    MODEL_BYTES.check(size, f"{path}: the file's contents", ModelError)
-
-
-def _load_trusted_pickle(path: Path) -> Any:
-    """Unpickle a file the user has vouched for (``allow_code=True``): this may run its code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
-        raise ModelError(f"{path}: cannot unpickle the model ({_first_line(exc)})") from exc
-
-
-def _unwrap_state_dict(path: Path, obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a state_dict, also when saved inside a checkpoint dict or by DataParallel."""
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not state or bad:
-        what = ", ".join(bad[:3]) or "none at all"
-        raise ModelError(f"{path}: not a state_dict (entries that are not tensors: {what})")
-    return state
-
-
-def _from_state_dict(
-    path: Path, state: dict[str, torch.Tensor], arch: str | None, meta: dict[str, Any], preprocess: Preprocess | None
-) -> Classifier:
-    """A built-in architecture holding ``state``; classes and input channels read off the weights."""
-    if arch is None:
-        raise ModelError(
-            f"{path}: a plain state_dict holds only weights; name its architecture with --arch "
-            f"({', '.join(ARCHITECTURES)})"
-        )
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"{path}: unknown architecture {arch!r}; built in: {', '.join(ARCHITECTURES)}")
-    template = build_classifier(arch).network
-    linears = [name for name, m in template.named_modules() if isinstance(m, nn.Linear)]
-    convs = [name for name, m in template.named_modules() if isinstance(m, nn.Conv2d)]
-    default_shape = ARCHITECTURES[arch].input_shape
-    try:
-        num_classes = int(state[f"{linears[-1]}.weight"].shape[0])
-        channels = int(state[f"{convs[0]}.weight"].shape[1]) if convs else default_shape[0]
-        classifier = build_classifier(
-            arch,
-            num_classes=num_classes,
-            input_shape=(channels, *default_shape[1:]),
-            preprocess=_preprocess_for(path, preprocess, meta, ARCHITECTURES[arch].preprocess),
-        )
-        classifier.network.load_state_dict(state, strict=True)
-    except (KeyError, IndexError, RuntimeError) as exc:
-        raise ModelError(f"{path}: weights do not match architecture {arch} ({_mismatch(exc)})") from exc
-    return classifier
-
-
-# -- shared --------------------------------------------------------------------------------------
-def _mismatch(exc: BaseException) -> str:
-    """The first concrete complaint of ``load_state_dict`` (its first line is only a header)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if isinstance(exc, RuntimeError) and len(lines) > 1:
-        return lines[1].split(". ")[0][:200]
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    """A short description of a low-level error: its first sentence, with its type if terse."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text.split(". ")[0][:160]
-    return text if len(text) >= 20 else f"{type(exc).__name__}: {text}".rstrip(": ")
-
-
-def _sidecar(path: Path) -> dict[str, Any]:
-    """``<stem>.json`` beside a model file: what the file itself does not record."""
-    side = path.with_suffix(".json")
-    return _read_json_object(side) if side.is_file() else {}
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from a metadata file (``model.json``, a sidecar), or one line saying why not."""
-    try:
-        MODEL_BYTES.check(path.stat().st_size, f"{path}: the metadata", ModelError)
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
-        raise ModelError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: expected a JSON object with preprocess / input_shape / architecture")
-    return meta
-
-
-def _preprocess_for(path: Path, given: Preprocess | None, meta: Mapping[str, Any], default: Preprocess) -> Preprocess:
-    """The preprocessing to use: the caller's, else the model's own record, else ``default``."""
-    from deepdot.models import parse_preprocess
-
-    if given is not None:
-        return given
-    recorded = meta.get("preprocess")
-    if recorded is None:
-        return default
-    if isinstance(recorded, str) and recorded.strip().startswith("{"):
-        try:
-            recorded = json.loads(recorded)
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: recorded preprocess {recorded!r} is not valid JSON") from exc
-    try:
-        return parse_preprocess(recorded)
-    except ModelError as exc:
-        raise ModelError(f"{path}: {exc}") from exc
-
-
-def _recorded_shape(path: Path, meta: Mapping[str, Any]) -> tuple[int, int, int] | None:
-    shape = meta.get("input_shape")
-    if shape is None:
-        return None
-    try:
-        if isinstance(shape, str):
-            text = shape.strip()
-            shape = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
-        c, h, w = (int(v) for v in shape)
-    except (TypeError, ValueError) as exc:  # ValueError: also bad JSON
-        raise ModelError(f"{path}: recorded input_shape {shape!r} is not [channels, height, width]") from exc
-    check_input_shape(path, (c, h, w))
-    return c, h, w
-
-
-def _wrap(
-    path: Path,
-    network: nn.Module,
-    *,
-    metadata: Mapping[str, Any],
-    preprocess: Preprocess | None,
-    input_shape: tuple[int, ...] | None,
-    file_shape: tuple[int, ...] | None = None,
-    output_kind: str | None = None,
-    softmax_removed: bool = False,
-    last_conv_layer: str | None = None,
-    penultimate_layer: str | None = None,
-) -> Classifier:
-    """A Classifier around a network loaded from a foreign format.
-
-    The input shape is the caller's (``input_shape``), else the one recorded in metadata, else
-    the one the format itself declares (``file_shape``).
-    The number of classes is read off one forward pass. When the format cannot say whether
-    the network ends in a softmax (TorchScript, pickles), that pass decides: outputs that are
-    non-negative and sum to 1 are probabilities.
-    """
-    explicit = tuple(int(v) for v in input_shape) if input_shape else None
-    shape = explicit or _recorded_shape(path, metadata) or file_shape
-    if shape is None:
-        raise ModelError(
-            f"{path}: the file does not record its input shape; write it beside the model as "
-            f'{path.with_suffix(".json").name} containing {{"input_shape": [channels, height, width]}}'
-        )
-    spec = _preprocess_for(path, preprocess, metadata, "unit")
-    check_input_shape(path, shape)
-    network = network.eval()
-    probe = torch.rand(2, *shape)
-    try:
-        with torch.no_grad():
-            from deepdot.models.classifier import preprocess_tensor
-
-            out = network(preprocess_tensor(probe, spec))
-    except Exception as exc:  # noqa: BLE001 - a foreign network can fail in any way on the wrong input
-        if isinstance(exc, MemoryError):
-            raise ModelError(f"{path}: the network needs more memory than there is for one small batch") from exc
-        raise ModelError(
-            f"{path}: the network does not run on {'x'.join(map(str, shape))} input ({_first_line(exc)})"
-        ) from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{path}: the network's output is {got}, not one score per class (N x classes)")
-    if output_kind is None:
-        output_kind = str(metadata.get("output_kind") or "")
-        if output_kind not in ("logits", "probabilities"):
-            sums_to_one = torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4)
-            output_kind = "probabilities" if bool((out >= 0).all()) and sums_to_one else "logits"
-    return Classifier(
-        network,
-        input_shape=shape,
-        num_classes=int(out.shape[1]),
-        preprocess=spec,
-        last_conv_layer=last_conv_layer,
-        penultimate_layer=penultimate_layer,
-        output_kind=output_kind,
-        softmax_removed=softmax_removed,
-    )
-
-
-def _check_finite(network: nn.Module, path: Path) -> None:
-    """Refuse weights holding NaN or Inf (they make every prediction meaningless)."""
-    for name, tensor in network.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelError(f"{path}: weight {name} contains NaN or Inf")

@@ -35,16 +35,9 @@ from torch import nn
 
 from deepdot.errors import DeepdotError, ModelError
 from deepdot.io.files import replacing
-from deepdot.io.models import (
-    KERAS_SUFFIXES,
-    ONNX_SUFFIXES,
-    TORCH_SUFFIXES,
-    _first_line,
-    _is_torchscript,
-    load_model,
-    model_file,
-    save_model,
-)
+from deepdot.io.foreign import first_line
+from deepdot.io.models import KERAS_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, load_model, model_file, save_model
+from deepdot.io.torch_files import is_torchscript
 from deepdot.models import Classifier
 
 #: What :func:`save_model_as` can write.
@@ -93,7 +86,7 @@ def save_format(classifier: Classifier, source: str | Path) -> SaveFormat:
     if suffix in ONNX_SUFFIXES:
         return SaveFormat("onnx", suffix)
     if suffix in TORCH_SUFFIXES:
-        if p.is_file() and _is_torchscript(p):
+        if p.is_file() and is_torchscript(p):
             return SaveFormat("torchscript", suffix)
         if classifier.architecture is not None:
             return SaveFormat("state_dict", suffix)
@@ -123,7 +116,7 @@ def check_save_as(classifier: Classifier, source: str | Path) -> SaveFormat:
     try:
         _trial(classifier, source, fmt)
     except Exception as exc:  # noqa: BLE001 - exporters fail in many ways; all mean "not in this format"
-        reason = str(exc) if isinstance(exc, DeepdotError) else _first_line(exc)
+        reason = str(exc) if isinstance(exc, DeepdotError) else first_line(exc)
         reason = reason.removeprefix(f"{model_file(source)}: ")
         what = f"the repaired model cannot be written as {_KIND_NAMES[fmt.kind]} ({reason})"
         if classifier.architecture is None:
@@ -206,7 +199,7 @@ def save_model_as(
     except OSError as exc:
         raise ModelError(f"{path}: cannot write the model there ({exc.strerror or exc})") from exc
     except Exception as exc:  # noqa: BLE001 - torch.onnx / torch.jit raise many types; report one line
-        raise ModelError(f"{path}: cannot write the model as {_KIND_NAMES[fmt.kind]} ({_first_line(exc)})") from exc
+        raise ModelError(f"{path}: cannot write the model as {_KIND_NAMES[fmt.kind]} ({first_line(exc)})") from exc
     return [path, side]
 
 
