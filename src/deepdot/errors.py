@@ -21,3 +21,10 @@ class DataError(DeepdotError):
 
 class ModelError(DeepdotError):
     """A model file could not be read, is unsafe to read, or does not fit the data."""
+
+
+def describe(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), short enough for one line."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

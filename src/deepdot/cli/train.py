@@ -99,7 +99,7 @@ def read_picture(path: Path, mode: str) -> Any:
     """A trigger picture as an H×W×channels uint8 array (size checked before it is decoded)."""
     import numpy as np
 
-    from deepdot.io.data import open_image
+    from deepdot.io.images import open_image
 
     with open_image(path, DeepdotError) as im:
         return np.asarray(im.convert(mode))

@@ -95,7 +95,7 @@ def read_png(path: str | Path, mode: str) -> torch.Tensor:
     The image's declared size is checked before it is decoded (a tiny file can declare
     20 000 × 20 000 pixels), and anything a corrupt file raises ends as one line.
     """
-    from deepdot.io.data import open_image
+    from deepdot.io.images import open_image
 
     p = Path(path)
     if not p.is_file():
