@@ -99,3 +99,14 @@ def test_the_structure_check_sees_a_cycle_when_there_is_one(tmp_path, monkeypatc
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     graph = _graph()
     assert "deepdot.scan.a" in graph["deepdot.scan.b"] and "deepdot.scan.b" in graph["deepdot.scan.a"]
+
+
+def test_modules_stay_readable_in_one_sitting():
+    """No module over ~350 lines, except the two format importers (a layer table each)."""
+    importers = {"keras_h5.py", "onnx_import.py"}
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if p.name not in importers and (n := len(p.read_text().splitlines())) > 350
+    }
+    assert long == {}
