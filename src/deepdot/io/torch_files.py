@@ -17,6 +17,7 @@ from torch import nn
 from deepdot.errors import ModelError
 from deepdot.io.foreign import first_line, mismatch, preprocess_for, wrap_network
 from deepdot.io.limits import MODEL_BYTES
+from deepdot.io.torchscript import is_flatbuffer, load_torchscript
 from deepdot.models import ARCHITECTURES, Classifier, build_classifier
 from deepdot.models.classifier import Preprocess
 
@@ -29,7 +30,7 @@ def is_torchscript(path: Path) -> bool:
     PyTorch's flatbuffer format (``PTMF`` at offset 4), which the TorchScript reader then refuses."""
     try:
         with open(path, "rb") as f:
-            if f.read(8)[4:8] == b"PTMF":
+            if is_flatbuffer(f.read(8)):
                 return True
         reader = torch._C.PyTorchFileReader(str(path))
         return any(name.startswith("code/") for name in reader.get_all_records())
@@ -47,8 +48,6 @@ def load_torch(
 ) -> Classifier:
     """A TorchScript archive, a ``state_dict`` (``weights_only=True``), or — opted in — a pickle."""
     if is_torchscript(path):
-        from deepdot.io.torchscript import load_torchscript
-
         module, embedded = load_torchscript(path, allow_code=allow_code)
         return wrap_network(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
     _check_unpacked_size(path)

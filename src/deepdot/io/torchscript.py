@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from deepdot.errors import ModelError
+from deepdot.errors import ModelError, describe
 from deepdot.io.limits import MODEL_BYTES
 
 # Load-time code: ``__setstate__`` methods (scripted classes) and torchbind classes (C++ objects
@@ -104,6 +104,11 @@ ALLOWED_OPS = frozenset(
 )  # fmt: skip
 
 
+def is_flatbuffer(head: bytes) -> bool:
+    """Whether a file's first bytes are PyTorch's flatbuffer format (``PTMF`` at offset 4)."""
+    return head[4:8] == b"PTMF"
+
+
 def read_archive(path: Path) -> bytes:
     """The archive's bytes, read once: the checks and the loader must see the same bytes (a file
     swapped between check and load, or read differently by two readers, would slip through).
@@ -118,7 +123,7 @@ def read_archive(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if not data.startswith(b"PK\x03\x04") or data[4:8] == b"PTMF":
+    if not data.startswith(b"PK\x03\x04") or is_flatbuffer(data):
         raise ModelError(
             f"{path}: refused: not a plain TorchScript zip archive (other layouts can hide code); "
             "if you trust the file, pass --allow-code"
@@ -134,7 +139,7 @@ def check_archive(path: Path, data: bytes) -> None:
         records = reader.get_all_records()
         sizes = {name: int(reader.get_record_size(name)) for name in records}
     except (RuntimeError, ValueError, OSError) as exc:
-        raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_short(exc)})") from exc
+        raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({describe(exc)})") from exc
     MODEL_BYTES.check(sum(sizes.values()), f"{path}: the archive's contents", ModelError)
     for name in records:
         if name.startswith("data/") or name.startswith(".data/"):
@@ -142,7 +147,7 @@ def check_archive(path: Path, data: bytes) -> None:
         try:
             content = bytes(reader.get_record(name))
         except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_short(exc)})") from exc
+            raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({describe(exc)})") from exc
         for marker in _LOAD_TIME_MARKERS:
             if marker in content:
                 raise ModelError(
@@ -185,7 +190,7 @@ def load_torchscript(path: Path, *, allow_code: bool = False) -> tuple[torch.jit
     try:
         module = torch.jit.load(source, map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({_short(exc)})") from exc
+        raise ModelError(f"{path}: corrupt or truncated TorchScript archive ({describe(exc)})") from exc
     if not allow_code:
         check_module(module, path)
     embedded: dict[str, Any] = {}
@@ -249,8 +254,3 @@ def _bounded(count: torch.Value) -> bool:
     if node.kind() in ("aten::len", "aten::dim"):
         return True
     return node.kind() in _COUNTS and all(_bounded(v) for v in node.inputs())
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
