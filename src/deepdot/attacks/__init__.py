@@ -1,5 +1,7 @@
-"""Backdoor injection (data poisoning + training)."""
+"""Backdoor injection (data poisoning + training). Every attack is a settings object with a
+``run`` method (:class:`~deepdot.attacks.base.Attack`) returning an :class:`AttackResult`."""
 
-from deepdot.attacks.badnets import AttackResult, BadNets
+from deepdot.attacks.badnets import BadNets
+from deepdot.attacks.base import Attack, AttackResult
 
-__all__ = ["AttackResult", "BadNets"]
+__all__ = ["Attack", "AttackResult", "BadNets"]

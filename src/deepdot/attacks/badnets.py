@@ -8,35 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from deepdot.attacks.base import AttackResult
 from deepdot.data import ImageData
 from deepdot.errors import DeepdotError
 from deepdot.metrics import ALL_TO_ALL, attack_success_rate, attack_targets, clean_accuracy
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn, no_progress
-from deepdot.training import TrainConfig, TrainHistory, train
+from deepdot.training import TrainConfig, train
 from deepdot.triggers import Trigger
-
-
-@dataclass(frozen=True)
-class AttackResult:
-    """What an attack produced, measured on held-out test data."""
-
-    clean_accuracy: float
-    attack_success_rate: float
-    target: int
-    poisoned_images: int  # -1 when a fresh share of every batch is poisoned (resample)
-    history: TrainHistory
-
-    def to_dict(self) -> dict:
-        return {
-            "clean_accuracy": self.clean_accuracy,
-            "attack_success_rate": self.attack_success_rate,
-            "target": self.target,
-            "all_to_all": self.target == ALL_TO_ALL,
-            "poisoned_images": self.poisoned_images,
-            "train_seconds": round(self.history.seconds, 2),
-            "train_loss": self.history.loss,
-        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +31,8 @@ class BadNets:
             the trigger is seen on many more different images over training.
         seed: chooses which images are poisoned.
     """
+
+    method = "badnets"
 
     trigger: Trigger
     target: int
