@@ -28,12 +28,13 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 
 
 def load_model_arg(path: Path, preprocess: str | None, arch: str | None = None, allow_code: bool = False) -> Any:
-    """Load any supported model file (see ``deepdot.io.models.load_model``)."""
+    """Load any supported model file (see ``deepdot.io.models.load_model``); ``--preprocess``
+    is parsed here, where it enters (``Preprocess.parse``)."""
     from deepdot.io.models import load_model
-    from deepdot.models import parse_preprocess
+    from deepdot.models import Preprocess
 
     return load_model(
-        path, preprocess=parse_preprocess(preprocess) if preprocess else None, arch=arch, allow_code=allow_code
+        path, preprocess=Preprocess.parse(preprocess) if preprocess else None, arch=arch, allow_code=allow_code
     )
 
 
@@ -146,7 +147,7 @@ def fresh_model(arch: str | None, data: str, train_set: Any, preprocess: str | N
     """(architecture name, a newly initialised classifier) for the training data, seeded."""
     import torch
 
-    from deepdot.models import build_classifier, parse_preprocess
+    from deepdot.models import Preprocess, build_classifier
 
     arch = arch or default_architecture(data, train_set.image_shape, train_set.num_classes)
     torch.manual_seed(seed)
@@ -154,6 +155,6 @@ def fresh_model(arch: str | None, data: str, train_set: Any, preprocess: str | N
         arch,
         num_classes=train_set.num_classes,
         input_shape=train_set.image_shape,
-        preprocess=parse_preprocess(preprocess) if preprocess else None,
+        preprocess=Preprocess.parse(preprocess) if preprocess else None,
     )
     return arch, model

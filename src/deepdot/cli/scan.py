@@ -153,7 +153,7 @@ def _checkpoint(
 
     key = {
         "model": model_digest(model),
-        "preprocess": classifier.preprocess,
+        "preprocess": classifier.preprocess.to_json(),  # the JSON value model.json holds
         "data": data_digest(data),
         "images": len(data),
         "settings": scanner.settings(),

@@ -110,13 +110,13 @@ def models_command() -> None:
     """List the built-in architectures."""
     from rich.table import Table
 
-    from deepdot.models import ARCHITECTURES
+    from deepdot.models import ARCHITECTURES, Preprocess
 
     table = Table(title="Built-in architectures")
     for col in ("name", "input", "classes", "preprocess", "description"):
         table.add_column(col)
     for a in ARCHITECTURES.values():
-        pre = a.preprocess if isinstance(a.preprocess, str) else "mean/std"
+        pre = Preprocess.parse(a.preprocess).name or "mean/std"
         table.add_row(a.name, "x".join(map(str, a.input_shape)), str(a.num_classes), pre, a.description)
     console.print(table)
 

@@ -56,9 +56,8 @@ def export_onnx(classifier: Classifier, path: str | Path, *, opset: int | None =
             **kwargs,
         )
     model = onnx.load(str(p))
-    preprocess = classifier.preprocess
     record = {
-        "preprocess": preprocess if isinstance(preprocess, str) else json.dumps(preprocess),
+        "preprocess": classifier.preprocess.to_metadata(),
         "input_shape": json.dumps(list(classifier.input_shape)),
         "output_kind": classifier.output_kind,
     }

@@ -1,24 +1,25 @@
 """Turning a network read from another format into a :class:`~deepdot.models.Classifier`:
 what the file records beside its weights (sidecar JSON, embedded metadata), the preprocessing and
 input shape to use, one probe pass that reads off the classes, and short error descriptions.
-Shared by every reader in :mod:`deepdot.io.models`.
+Shared by every reader and writer of the format table, :mod:`deepdot.io.formats`; writing a
+model file of another format with its sidecar beside it is :func:`write_with_sidecar`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deepdot.errors import ModelError
+from deepdot.errors import DeepdotError, ModelError
 from deepdot.io.convert import check_input_shape
+from deepdot.io.files import replacing
 from deepdot.io.limits import MODEL_BYTES
-from deepdot.models import Classifier
-from deepdot.models.classifier import Preprocess
+from deepdot.models import Classifier, Preprocess, PreprocessSpec
 
 
 def mismatch(exc: BaseException) -> str:
@@ -54,22 +55,22 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return meta
 
 
-def preprocess_for(path: Path, given: Preprocess | None, meta: Mapping[str, Any], default: Preprocess) -> Preprocess:
-    """The preprocessing to use: the caller's, else the model's own record, else ``default``."""
-    from deepdot.models import parse_preprocess
+def preprocess_for(
+    path: Path, given: PreprocessSpec | None, meta: Mapping[str, Any], default: PreprocessSpec
+) -> Preprocess:
+    """The preprocessing to use: the caller's, else the model's own record
+    (:meth:`Preprocess.from_json <deepdot.models.Preprocess.from_json>`), else ``default``.
 
+    Raises:
+        ModelError: the record is no valid preprocessing (the message names ``path``).
+    """
     if given is not None:
-        return given
+        return Preprocess.parse(given)
     recorded = meta.get("preprocess")
     if recorded is None:
-        return default
-    if isinstance(recorded, str) and recorded.strip().startswith("{"):
-        try:
-            recorded = json.loads(recorded)
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: recorded preprocess {recorded!r} is not valid JSON") from exc
+        return Preprocess.parse(default)
     try:
-        return parse_preprocess(recorded)
+        return Preprocess.from_json(recorded)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
 
@@ -94,7 +95,7 @@ def wrap_network(
     network: nn.Module,
     *,
     metadata: Mapping[str, Any],
-    preprocess: Preprocess | None,
+    preprocess: PreprocessSpec | None,
     input_shape: tuple[int, ...] | None,
     file_shape: tuple[int, ...] | None = None,
     output_kind: str | None = None,
@@ -123,9 +124,7 @@ def wrap_network(
     probe = torch.rand(2, *shape)
     try:
         with torch.no_grad():
-            from deepdot.models.classifier import preprocess_tensor
-
-            out = network(preprocess_tensor(probe, spec))
+            out = network(spec(probe))
     except Exception as exc:  # noqa: BLE001 - a foreign network can fail in any way on the wrong input
         if isinstance(exc, MemoryError):
             raise ModelError(f"{path}: the network needs more memory than there is for one small batch") from exc
@@ -157,3 +156,35 @@ def check_finite(network: nn.Module, path: Path) -> None:
     for name, tensor in network.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelError(f"{path}: weight {name} contains NaN or Inf")
+
+
+def sidecar_record(classifier: Classifier) -> dict[str, Any]:
+    """What a sidecar (``<stem>.json``) beside a written model file records: its input shape and
+    preprocessing, so that the file loads back without ``--preprocess``."""
+    return {"input_shape": list(classifier.input_shape), "preprocess": classifier.preprocess.to_json()}
+
+
+def write_with_sidecar(path: Path, title: str, write: Callable[[Path], None], meta: Mapping[str, Any]) -> list[Path]:
+    """Write a model file of another format than deepdot's own, and ``meta`` beside it.
+
+    ``write(path)`` writes the model file (through :func:`~deepdot.io.files.replacing`, so a
+    failure leaves nothing half-written); then ``meta`` goes to ``<stem>.json`` (the sidecar
+    :func:`sidecar` reads). The folder is created if needed. Returns ``[path, sidecar]``.
+
+    Raises:
+        ModelError: one line naming ``path``: it cannot be written there, or the model cannot be
+            written as ``title`` (the format's name, e.g. ``"ONNX"``).
+    """
+    side = path.with_suffix(".json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        with replacing(side) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    except DeepdotError:
+        raise
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write the model there ({exc.strerror or exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.onnx / torch.jit raise many types; report one line
+        raise ModelError(f"{path}: cannot write the model as {title} ({first_line(exc)})") from exc
+    return [path, side]

@@ -19,37 +19,27 @@ Beside a file of another format than deepdot's own, ``model.json`` is the sideca
 ``--preprocess`` or ``--arch``.
 
 :func:`check_save_as` decides the format and tries it on the model before any long work (a trial
-write into a temporary folder, loaded back and compared); :func:`save_model_as` writes.
+write into a temporary folder, loaded back and compared); :func:`save_model_as` writes, with the
+format's writer from the table of :mod:`deepdot.io.formats` (where each writer is defined).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from deepdot.errors import DeepdotError, ModelError
-from deepdot.io.files import replacing
 from deepdot.io.foreign import first_line
-from deepdot.io.models import KERAS_SUFFIXES, ONNX_SUFFIXES, TORCH_SUFFIXES, load_model, model_file, save_model
-from deepdot.io.torch_files import is_torchscript
+from deepdot.io.formats import DEEPDOT, STATE_DICT, TORCHSCRIPT, ModelFormat, find_format, format_named, writable
+from deepdot.io.models import load_model, model_file
 from deepdot.models import Classifier
 
-#: What :func:`save_model_as` can write.
-SAVE_KINDS = ("deepdot", "keras", "onnx", "torchscript", "state_dict")
-
-_KIND_NAMES = {
-    "deepdot": "safetensors + model.json",
-    "keras": "Keras",
-    "onnx": "ONNX",
-    "torchscript": "TorchScript",
-    "state_dict": "a PyTorch state_dict",
-}
+#: What :func:`save_model_as` can write: the names of the formats in the table that have a writer.
+SAVE_KINDS = tuple(f.name for f in writable())
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ class SaveFormat:
     """How a model is written.
 
     Attributes:
-        kind: one of :data:`SAVE_KINDS`.
+        kind: one of :data:`SAVE_KINDS`, the name of a format in :mod:`deepdot.io.formats`.
         suffix: of the model file, ``model<suffix>`` in the output folder.
         note: one line for the user when this is not the input's format (else empty).
     """
@@ -65,6 +55,11 @@ class SaveFormat:
     kind: str
     suffix: str
     note: str = ""
+
+    @property
+    def model_format(self) -> ModelFormat:
+        """The format's record in the table (its title, its writer)."""
+        return format_named(self.kind)
 
     def file(self, out: str | Path) -> Path:
         """The model file written to the folder ``out``."""
@@ -78,25 +73,19 @@ def save_format(classifier: Classifier, source: str | Path) -> SaveFormat:
         ModelError: ``source`` is no format deepdot reads.
     """
     p = model_file(source)
-    suffix = p.suffix.lower()
-    if p.is_dir() or suffix in ("", ".safetensors", ".json"):
-        return SaveFormat("deepdot", ".safetensors")
-    if suffix in KERAS_SUFFIXES:
-        return SaveFormat("keras", suffix)
-    if suffix in ONNX_SUFFIXES:
-        return SaveFormat("onnx", suffix)
-    if suffix in TORCH_SUFFIXES:
-        if p.is_file() and is_torchscript(p):
-            return SaveFormat("torchscript", suffix)
-        if classifier.architecture is not None:
-            return SaveFormat("state_dict", suffix)
+    fmt = find_format(p)
+    if fmt is DEEPDOT:
+        return SaveFormat(DEEPDOT.name, DEEPDOT.suffixes[0])
+    if fmt is None or fmt.write is None:
+        raise ModelError(f"{p}: unsupported model format {p.suffix!r}; cannot write a model in it")
+    if fmt is STATE_DICT and classifier.architecture is None:  # read as a pickled whole model
         return SaveFormat(
-            "torchscript",
-            ".pt",
+            TORCHSCRIPT.name,
+            TORCHSCRIPT.suffixes[0],
             f"{p} holds a pickled model: the repaired one is written as TorchScript (model.pt), "
             "which loads without --allow-pickle",
         )
-    raise ModelError(f"{p}: unsupported model format {p.suffix!r}; cannot write a model in it")
+    return SaveFormat(fmt.name, p.suffix.lower())
 
 
 def check_save_as(classifier: Classifier, source: str | Path) -> SaveFormat:
@@ -111,17 +100,17 @@ def check_save_as(classifier: Classifier, source: str | Path) -> SaveFormat:
         ModelError: the model can be written neither in its own format nor in deepdot's.
     """
     fmt = save_format(classifier, source)
-    if fmt.kind == "deepdot":
+    if fmt.kind == DEEPDOT.name:
         return fmt
     try:
         _trial(classifier, source, fmt)
     except Exception as exc:  # noqa: BLE001 - exporters fail in many ways; all mean "not in this format"
         reason = str(exc) if isinstance(exc, DeepdotError) else first_line(exc)
         reason = reason.removeprefix(f"{model_file(source)}: ")
-        what = f"the repaired model cannot be written as {_KIND_NAMES[fmt.kind]} ({reason})"
+        what = f"the repaired model cannot be written as {fmt.model_format.title} ({reason})"
         if classifier.architecture is None:
             raise ModelError(f"{model_file(source)}: {what}; nothing was changed") from exc
-        return SaveFormat("deepdot", ".safetensors", f"{what}: writing model.safetensors + model.json instead")
+        return SaveFormat(DEEPDOT.name, DEEPDOT.suffixes[0], f"{what}: writing model.safetensors + model.json instead")
     return fmt
 
 
@@ -166,71 +155,13 @@ def save_model_as(
         ModelError: one line naming the file and the problem.
     """
     fmt = fmt or save_format(classifier, source)
-    folder = Path(out).expanduser()
-    _check_unhooked(classifier.network, fmt.file(folder))
-    if fmt.kind == "deepdot":
-        weights = save_model(classifier, folder)
-        return [weights, weights.with_suffix(".json")]
-    path = fmt.file(folder)
-    meta: dict[str, Any] = {"input_shape": list(classifier.input_shape), "preprocess": classifier.preprocess}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if fmt.kind == "keras":
-            from deepdot.io.keras_h5 import write_keras_weights
-
-            write_keras_weights(classifier.network, model_file(source), path)
-        elif fmt.kind == "onnx":
-            _write_onnx(classifier, model_file(source), path)
-        elif fmt.kind == "torchscript":
-            meta["output_kind"] = classifier.output_kind
-            _write_torchscript(classifier, path, meta)
-        elif fmt.kind == "state_dict":
-            meta = {"architecture": classifier.architecture, **meta}
-            state = {k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()}
-            with replacing(path) as tmp:
-                torch.save(state, tmp)
-        else:
-            raise ModelError(f"{path}: unknown model format {fmt.kind!r}; deepdot writes {', '.join(SAVE_KINDS)}")
-        side = path.with_suffix(".json")
-        with replacing(side) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    except DeepdotError:
-        raise
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot write the model there ({exc.strerror or exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - torch.onnx / torch.jit raise many types; report one line
-        raise ModelError(f"{path}: cannot write the model as {_KIND_NAMES[fmt.kind]} ({first_line(exc)})") from exc
-    return [path, side]
-
-
-def _write_onnx(classifier: Classifier, source: Path, path: Path) -> None:
-    """A copy of the ONNX input file holding the new weights; preprocessing in its metadata too."""
-    from deepdot.io.onnx_import import write_onnx_weights
-
-    preprocess = classifier.preprocess
-    metadata = {
-        "preprocess": preprocess if isinstance(preprocess, str) else json.dumps(preprocess),
-        "input_shape": json.dumps(list(classifier.input_shape)),
-    }
-    write_onnx_weights(classifier.network, source, path, metadata)
-
-
-def _write_torchscript(classifier: Classifier, path: Path, meta: dict[str, Any]) -> None:
-    """TorchScript with ``meta`` embedded as ``model.json``; a network that is not TorchScript
-    already is scripted, or traced where scripting fails."""
-    network = classifier.network.eval()
-    module: torch.jit.ScriptModule
-    if isinstance(network, torch.jit.ScriptModule):
-        module = network
-    else:
-        try:
-            module = torch.jit.script(network)
-        except Exception:  # noqa: BLE001 - scripting rejects much Python; tracing is the fallback
-            example = torch.zeros(1, *classifier.input_shape, device=classifier.device)
-            with torch.no_grad():
-                module = torch.jit.trace(network, example)
-    with replacing(path) as tmp:
-        torch.jit.save(module, str(tmp), _extra_files={"model.json": json.dumps(meta)})
+    path = fmt.file(out)
+    _check_unhooked(classifier.network, path)
+    writers = {f.name: f.write for f in writable()}
+    write = writers.get(fmt.kind)
+    if write is None:
+        raise ModelError(f"{path}: unknown model format {fmt.kind!r}; deepdot writes {', '.join(writers)}")
+    return write(classifier, model_file(source), path)
 
 
 def _check_unhooked(network: nn.Module, path: Path) -> None:

@@ -2,10 +2,16 @@
 anything runs), plain ``state_dict`` files of a built-in architecture (read with the weights-only
 unpickler, their unpacked size bounded first) and, only when the user vouches for the file,
 pickled whole models.
+
+The readers (:func:`read_torchscript`, :func:`read_pickled`) and writers
+(:func:`write_torchscript`, :func:`write_state_dict`) are the ``torchscript`` and ``state_dict``
+entries of the format table, :mod:`deepdot.io.formats`; both formats use the same suffixes and
+:func:`is_torchscript` tells their files apart.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,11 +21,19 @@ import torch
 from torch import nn
 
 from deepdot.errors import ModelError
-from deepdot.io.foreign import first_line, mismatch, preprocess_for, wrap_network
+from deepdot.io.files import replacing
+from deepdot.io.foreign import (
+    first_line,
+    mismatch,
+    preprocess_for,
+    sidecar,
+    sidecar_record,
+    wrap_network,
+    write_with_sidecar,
+)
 from deepdot.io.limits import MODEL_BYTES
 from deepdot.io.torchscript import is_flatbuffer, load_torchscript
-from deepdot.models import ARCHITECTURES, Classifier, build_classifier
-from deepdot.models.classifier import Preprocess
+from deepdot.models import ARCHITECTURES, Classifier, PreprocessSpec, build_classifier
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
@@ -38,18 +52,34 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def load_torch(
+def read_torchscript(
     path: Path,
-    meta: dict[str, Any],
-    preprocess: Preprocess | None,
-    arch: str | None,
-    allow_code: bool,
-    input_shape: tuple[int, int, int] | None,
+    *,
+    preprocess: PreprocessSpec | None = None,
+    arch: str | None = None,
+    allow_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> Classifier:
-    """A TorchScript archive, a ``state_dict`` (``weights_only=True``), or — opted in — a pickle."""
-    if is_torchscript(path):
-        module, embedded = load_torchscript(path, allow_code=allow_code)
-        return wrap_network(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
+    """A TorchScript archive as a Classifier; its embedded ``model.json`` and the sidecar beside
+    it (which wins) say the input shape and preprocessing. ``arch`` is not used (the archive
+    holds its own network)."""
+    meta = sidecar(path)
+    module, embedded = load_torchscript(path, allow_code=allow_code)
+    return wrap_network(path, module, metadata={**embedded, **meta}, preprocess=preprocess, input_shape=input_shape)
+
+
+def read_pickled(
+    path: Path,
+    *,
+    preprocess: PreprocessSpec | None = None,
+    arch: str | None = None,
+    allow_code: bool = False,
+    input_shape: tuple[int, int, int] | None = None,
+) -> Classifier:
+    """A ``torch.save`` file as a Classifier: a ``state_dict`` of the built-in architecture
+    ``arch`` (or the sidecar's ``architecture``), read with ``weights_only=True``; a pickled
+    whole model only with ``allow_code`` (unpickling it may run its code)."""
+    meta = sidecar(path)
     _check_unpacked_size(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -70,6 +100,43 @@ def load_torch(
     if not isinstance(obj, Mapping):
         raise ModelError(f"{path}: holds a {type(obj).__name__}, not a state_dict or a model")
     return from_state_dict(path, _unwrap_state_dict(path, obj), arch or meta.get("architecture"), meta, preprocess)
+
+
+def write_torchscript(classifier: Classifier, source: Path, path: Path) -> list[Path]:
+    """Write ``classifier`` as a TorchScript archive with its metadata embedded as ``model.json``
+    and in the sidecar beside it; a network that is not TorchScript already is scripted, or
+    traced where scripting fails. ``source`` is not used. Returns ``[path, sidecar]``."""
+    meta = {**sidecar_record(classifier), "output_kind": classifier.output_kind}
+
+    def write(dest: Path) -> None:
+        network = classifier.network.eval()
+        module: torch.jit.ScriptModule
+        if isinstance(network, torch.jit.ScriptModule):
+            module = network
+        else:
+            try:
+                module = torch.jit.script(network)
+            except Exception:  # noqa: BLE001 - scripting rejects much Python; tracing is the fallback
+                example = torch.zeros(1, *classifier.input_shape, device=classifier.device)
+                with torch.no_grad():
+                    module = torch.jit.trace(network, example)
+        with replacing(dest) as tmp:
+            torch.jit.save(module, str(tmp), _extra_files={"model.json": json.dumps(meta)})
+
+    return write_with_sidecar(path, "TorchScript", write, meta)
+
+
+def write_state_dict(classifier: Classifier, source: Path, path: Path) -> list[Path]:
+    """Write ``classifier``'s weights as a plain ``state_dict`` (``torch.save``), its architecture
+    in the sidecar beside it. ``source`` is not used. Returns ``[path, sidecar]``."""
+
+    def write(dest: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in classifier.network.state_dict().items()}
+        with replacing(dest) as tmp:
+            torch.save(state, tmp)
+
+    meta = {"architecture": classifier.architecture, **sidecar_record(classifier)}
+    return write_with_sidecar(path, "a PyTorch state_dict", write, meta)
 
 
 def _check_unpacked_size(path: Path) -> None:
@@ -105,7 +172,11 @@ def _unwrap_state_dict(path: Path, obj: Mapping[str, Any]) -> dict[str, torch.Te
 
 
 def from_state_dict(
-    path: Path, state: dict[str, torch.Tensor], arch: str | None, meta: dict[str, Any], preprocess: Preprocess | None
+    path: Path,
+    state: dict[str, torch.Tensor],
+    arch: str | None,
+    meta: Mapping[str, Any],
+    preprocess: PreprocessSpec | None,
 ) -> Classifier:
     """A built-in architecture holding ``state``; classes and input channels read off the weights."""
     if arch is None:

@@ -1,4 +1,4 @@
-"""Model wrapper and built-in architectures."""
+"""Model wrapper, its input preprocessing (:class:`Preprocess`) and built-in architectures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 from deepdot.errors import ModelError
 from deepdot.models.architectures import ARCHITECTURES, Architecture
-from deepdot.models.classifier import PREPROCESS_NAMES, Classifier, Preprocess, parse_preprocess
+from deepdot.models.classifier import Classifier, parse_preprocess
+from deepdot.models.preprocess import PREPROCESS_NAMES, Preprocess, PreprocessSpec
 
 __all__ = [
     "ARCHITECTURES",
@@ -14,6 +15,7 @@ __all__ = [
     "Classifier",
     "PREPROCESS_NAMES",
     "Preprocess",
+    "PreprocessSpec",
     "build_classifier",
     "parse_preprocess",
 ]
@@ -24,7 +26,7 @@ def build_classifier(
     *,
     num_classes: int | None = None,
     input_shape: tuple[int, int, int] | None = None,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessSpec | None = None,
     **arch_kwargs: Any,
 ) -> Classifier:
     """A freshly initialised built-in architecture wrapped in a :class:`Classifier`.

@@ -16,65 +16,27 @@ import torch
 from torch import nn
 
 from deepdot.errors import ModelError
+from deepdot.models.preprocess import PREPROCESS_NAMES, Preprocess, PreprocessSpec
 
-#: Named preprocessing schemes. Each maps [0, 1] pixels to what the network was trained on.
-PREPROCESS_NAMES = ("raw", "unit", "imagenet", "inception")
-
-Preprocess = str | dict[str, list[float]]
-
-_IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+__all__ = ["OUTPUT_KINDS", "PREPROCESS_NAMES", "Classifier", "Preprocess", "parse_preprocess", "preprocess_tensor"]
 
 #: What a model file's network outputs: raw class scores, or softmax probabilities.
 OUTPUT_KINDS = ("logits", "probabilities")
 
 
-def parse_preprocess(spec: Preprocess) -> Preprocess:
-    """Validate a preprocessing spec: a name from :data:`PREPROCESS_NAMES` or ``{"mean", "std"}``.
+def parse_preprocess(spec: PreprocessSpec) -> str | dict[str, list[float]]:
+    """Validate a preprocessing spec; the former plain form of :meth:`Preprocess.parse`.
 
-    A string of the form ``"mean=0.5,0.5,0.5 std=0.25,0.25,0.25"`` is accepted too (the CLI form).
+    Accepts what :meth:`Preprocess.parse` accepts and returns its JSON form (a name from
+    :data:`PREPROCESS_NAMES` or ``{"mean": [...], "std": [...]}``), as it always did. New code
+    should use :class:`Preprocess` itself.
     """
-    if isinstance(spec, dict):
-        if set(spec) != {"mean", "std"}:
-            raise ModelError(f"preprocess dict needs exactly 'mean' and 'std', got {sorted(spec)}")
-        mean = [float(v) for v in spec["mean"]]
-        std = [float(v) for v in spec["std"]]
-        if len(mean) != len(std) or not mean or any(s <= 0 for s in std):
-            raise ModelError(f"preprocess mean/std must be non-empty, of equal length, std > 0: {spec}")
-        return {"mean": mean, "std": std}
-    text = str(spec).strip()
-    if text in PREPROCESS_NAMES:
-        return text
-    if text.startswith("mean="):
-        try:
-            parts = dict(p.split("=", 1) for p in text.split())
-            return parse_preprocess(
-                {
-                    "mean": [float(v) for v in parts["mean"].split(",")],
-                    "std": [float(v) for v in parts["std"].split(",")],
-                }
-            )
-        except (KeyError, ValueError) as exc:
-            raise ModelError(f"cannot read preprocess {text!r}: expected 'mean=a,b,c std=d,e,f'") from exc
-    raise ModelError(f"unknown preprocess {text!r}: use one of {', '.join(PREPROCESS_NAMES)} or 'mean=a,b,c std=d,e,f'")
+    return Preprocess.parse(spec).to_json()
 
 
-def preprocess_tensor(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
-    """Map [0, 1] pixels (N×C×H×W) to the network's input scale."""
-    if spec == "unit":
-        return x
-    if spec == "raw":
-        return x * 255.0
-    if spec == "inception":
-        return x * 2.0 - 1.0
-    if spec == "imagenet":
-        # Keras/caffe style: RGB -> BGR, 0-255, mean-centred per channel.
-        bgr = x.flip(1) * 255.0
-        mean = torch.tensor(_IMAGENET_BGR_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return bgr - mean
-    assert isinstance(spec, dict)
-    mean = torch.tensor(spec["mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+def preprocess_tensor(x: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """Map [0, 1] pixels (N×C×H×W) to the network's input scale: ``Preprocess.parse(spec)(x)``."""
+    return Preprocess.parse(spec)(x)
 
 
 class Classifier(nn.Module):
@@ -84,7 +46,10 @@ class Classifier(nn.Module):
         network: maps preprocessed N×C×H×W input to logits (N×num_classes).
         input_shape: (C, H, W) the network expects.
         num_classes: number of output labels.
-        preprocess: a name from :data:`PREPROCESS_NAMES` or ``{"mean": [...], "std": [...]}``.
+        preprocess: a :class:`~deepdot.models.preprocess.Preprocess`, or anything
+            :meth:`Preprocess.parse <deepdot.models.preprocess.Preprocess.parse>` reads (a name
+            from :data:`PREPROCESS_NAMES`, ``{"mean": [...], "std": [...]}``, ``"mean=… std=…"``).
+            It is kept as a ``Preprocess`` (:attr:`preprocess`), also when assigned later.
         architecture: registry name of the architecture, if built in (kept for saving).
         arch_kwargs: keyword arguments the architecture was built with.
         last_conv_layer / penultimate_layer: names of modules in ``network`` (see
@@ -104,7 +69,7 @@ class Classifier(nn.Module):
         *,
         input_shape: Sequence[int],
         num_classes: int,
-        preprocess: Preprocess = "unit",
+        preprocess: PreprocessSpec = "unit",
         architecture: str | None = None,
         arch_kwargs: dict[str, Any] | None = None,
         last_conv_layer: str | None = None,
@@ -116,7 +81,7 @@ class Classifier(nn.Module):
         self.network = network
         self.input_shape = tuple(int(v) for v in input_shape)
         self.num_classes = int(num_classes)
-        self.preprocess = parse_preprocess(preprocess)
+        self.preprocess = preprocess  # type: ignore[assignment]  # the setter parses it
         self.architecture = architecture
         self.arch_kwargs = dict(arch_kwargs or {})
         self.last_conv_layer = last_conv_layer
@@ -127,6 +92,15 @@ class Classifier(nn.Module):
         self.softmax_removed = bool(softmax_removed) and output_kind == "probabilities"
         self.eval()
 
+    @property
+    def preprocess(self) -> Preprocess:
+        """The model's input preprocessing; assigning a name, mapping or text parses it."""
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, spec: PreprocessSpec) -> None:
+        self._preprocess = Preprocess.parse(spec)
+
     # -- inference -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for [0, 1] images. Shape: N×C×H×W -> N×num_classes.
@@ -134,7 +108,7 @@ class Classifier(nn.Module):
         For a network that outputs probabilities (softmax not removable) this is their logarithm,
         which differs from the logits only by a per-image constant.
         """
-        out = self.network(preprocess_tensor(x, self.preprocess))
+        out = self.network(self.preprocess(x))
         if self.output_kind == "probabilities" and not self.softmax_removed:
             out = out.clamp_min(1e-30).log()
         return out
@@ -202,7 +176,7 @@ class Classifier(nn.Module):
             "arch_kwargs": self.arch_kwargs,
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
-            "preprocess": self.preprocess,
+            "preprocess": self.preprocess.to_json(),
             "last_conv_layer": self.last_conv_layer,
             "penultimate_layer": self.penultimate_layer,
             "output_kind": self.output_kind,

@@ -52,7 +52,7 @@ def check_clean_accuracy(classifier: Classifier, data: ImageData, minimum: float
         raise PreprocessingMismatch(
             f"the model classifies only {acc:.1%} of {data.name} correctly (minimum {minimum:.0%}): a scan would be "
             f"meaningless. The usual cause is a preprocessing mismatch: the model uses preprocess "
-            f"{classifier.preprocess!r}; try raw, unit, imagenet or inception (or check that the data and the "
+            f"'{classifier.preprocess}'; try raw, unit, imagenet or inception (or check that the data and the "
             f"model's labels match), or lower the minimum accuracy.",
             settings=("preprocess", "min_clean_accuracy"),
         )
