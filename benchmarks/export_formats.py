@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(x),
         "onnx": {
             "output_kind": from_onnx.output_kind,
-            "preprocess": from_onnx.preprocess,
+            "preprocess": from_onnx.preprocess.to_json(),
             **parity(native, from_onnx, x),
         },
         "h5": {
@@ -185,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         ("onnx", [str(DEEPDOT), "scan", str(onnx_path), *common, "--out", str(out / "scan-onnx")], out / "scan-onnx"),
     ]
     h5_cmd = [str(DEEPDOT), "scan", str(h5_path), *common, "--out", str(out / "scan-h5")]
-    preprocess = native.preprocess if isinstance(native.preprocess, str) else None
-    if preprocess is None:
-        mean = ",".join(map(str, native.preprocess["mean"]))
-        std = ",".join(map(str, native.preprocess["std"]))
-        preprocess = f"mean={mean} std={std}"
-    jobs.append(("h5", [*h5_cmd, "--preprocess", preprocess], out / "scan-h5"))
+    jobs.append(("h5", [*h5_cmd, "--preprocess", str(native.preprocess)], out / "scan-h5"))
     results = run_scans(jobs, args.jobs, args.rescan)
     (out / "scans.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'model':7} {'verdict':9} {'flagged':10} {'anomaly':>8} {'seconds':>8} {'image passes':>13}  objective")

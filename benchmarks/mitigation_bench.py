@@ -11,7 +11,9 @@ data, never seen in training; GTSRB: split by track), and every figure is measur
 replica's **test set** with the planted trigger (attack success on test images whose true label
 is not the target). Nothing here uses poisoned data to repair. Prints one table (method, clean
 accuracy and planted/recovered attack success before and after, share of the layer pruned,
-filter FPR/FNR, seconds) and writes ``<work>/<model>/mitigation.json``. ``--set METHOD.FIELD=VALUE``
+filter FPR/FNR, whether the repair is within the default budget of ``deepdot mitigate``:
+recovered attack success at most 5 %, clean accuracy lost at most 1 point on the test set,
+seconds) and writes ``<work>/<model>/mitigation.json``. ``--set METHOD.FIELD=VALUE``
 changes one setting of a method for this run (the table then names the changed settings).
 """
 
@@ -34,6 +36,7 @@ from deepdot.io.files import ensure_dir, load_trigger, read_json, write_json
 from deepdot.io.models import load_model
 from deepdot.io.scans import load_recovered
 from deepdot.mitigate import PlantedBackdoor, build_mitigation, measure, repair
+from deepdot.mitigate.registry import AUTO_METHODS
 from deepdot.report.artifacts import write_scan
 from deepdot.scan import FastNeuralCleanse
 from zoo import REPLICAS, splits
@@ -49,6 +52,10 @@ METHODS = {
     "fine-tune": build_mitigation("fine-tune"),
     "fine-prune": build_mitigation("fine-prune"),
 }
+
+
+#: what ``--methods auto`` tries: the registry's auto methods with their defaults
+AUTO = {name: build_mitigation(name) for name in AUTO_METHODS}
 
 
 def with_settings(methods: dict, assignments: list[str]) -> dict:
@@ -86,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=ZOO)
     parser.add_argument("--models", nargs="*", default=["gtsrb-badnets"], help="infected zoo models")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=[*METHODS, "auto"],
+        help="auto: as `mitigate --method auto`",
+    )
     parser.add_argument("--work", type=Path, default=Path("~/.cache/deepdot/bench").expanduser())
     parser.add_argument(
         "--labels", nargs="*", type=int, help="mitigate these labels' recovered triggers (default: the flagged ones)"
@@ -118,16 +131,24 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             start = time.perf_counter()
             report = repair(
-                model, backdoors, repair_set, test, method=methods[method].method,
-                mitigations={method: methods[method]}, planted=planted,
+                model, backdoors, repair_set, test, method="auto" if method == "auto" else methods[method].method,
+                mitigations=AUTO if method == "auto" else {method: methods[method]}, planted=planted,
             )  # fmt: skip
             result = report.result
-            row = {"seconds": time.perf_counter() - start, "details": result.to_dict(), "after": report.after.to_dict()}
+            row = {
+                "seconds": time.perf_counter() - start,
+                "details": result.to_dict(),
+                "after": report.after.to_dict(),
+                "within_budget": report.within_budget,
+            }
             if report.filter is not None:
                 row["filter"] = report.filter.to_dict()
             if result.pruning is not None:
                 row["pruned_fraction"] = result.pruning.pruned_fraction
             row["settings"] = [a for a in args.set if a.startswith(method + ".")]
+            if report.auto is not None:
+                row["auto_winner"] = report.auto.winner
+                row["candidates_after"] = {k: v.to_dict() for k, v in report.candidates_after.items()}
             rows[method] = row
             print(f"  {method}: {json.dumps({k: v for k, v in row.items() if k != 'details'})}", flush=True)
         write_json(
@@ -139,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmitigation benchmark, {date.today()}, {torch.get_num_threads()} threads")
     print(
         "| model | method | clean acc before → after | planted ASR before → after | recovered ASR after "
-        "| pruned | filter FPR / FNR (planted) | s |"
+        "| pruned | filter FPR / FNR (planted) | within budget | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, before, rows in table:
         for method, row in rows.items():
             after, flt = row["after"], row.get("filter")
@@ -149,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             screen = f"{flt['false_positive_rate']:.1%} / {flt['planted_false_negative_rate']:.1%}" if flt else "—"
             cells = [
                 name,
-                " ".join([method, *row["settings"]]),
+                " ".join([method, *row["settings"]])
+                + (f" (kept {row['auto_winner']})" if "auto_winner" in row else ""),
                 f"{before.clean_accuracy:.4f} → {after['clean_accuracy']:.4f}",
                 f"{before.planted_attack_success_rate:.4f} → {after['planted_attack_success_rate']:.4f}",
                 f"{after['attack_success_rate']:.4f}",
                 pruned,
                 screen,
+                "yes" if row["within_budget"] else "**no**",
                 f"{row['seconds']:.0f}",
             ]
             print("| " + " | ".join(cells) + " |")

@@ -60,17 +60,29 @@ def _searched(method, curve):
 
 
 def test_neuron_pruning_keeps_the_last_step_within_the_margin_after_the_trigger_fails():
-    method = NeuronPruning(target_attack_success=0.01, max_accuracy_drop=0.05)
+    method = NeuronPruning(target_attack_success=0.01, max_accuracy_drop=0.05, accuracy_budget=0.2)
     # fails at 2, accuracy leaves the margin at 4: 3 is kept
     curve = _curve((0.9, 1, 1), (0.9, 0.5, 0.5), (0.89, 0.0, 0.0), (0.87, 0.0, 0.0), (0.8, 0.0, 0.0), (0.9, 0, 0))
     drawn, keep = _searched(method, curve)
     assert (len(drawn), keep) == (5, 3)
-    # the failing step is already out of the margin: it is kept all the same
+    # the failing step is already out of the margin (not of the budget): it is kept all the same
     curve = _curve((0.9, 1, 1), (0.84, 0.0, 0.0), (0.83, 0.0, 0.0))
     assert _searched(method, curve) == (curve[:2], 1)
-    # never fails: everything searched stays pruned
-    curve = _curve((0.9, 1, 1), (0.9, 0.5, 0.5), (0.5, 0.2, 0.2))
+    # never fails: the step with the least success within the budget stays pruned
+    curve = _curve((0.9, 1, 1), (0.9, 0.5, 0.5), (0.75, 0.2, 0.2), (0.5, 0.1, 0.1))
     assert _searched(method, curve) == (curve, 2)
+
+
+def test_neuron_pruning_never_keeps_a_step_outside_the_accuracy_budget():
+    method = NeuronPruning(target_attack_success=0.01, max_accuracy_drop=0.005, accuracy_budget=0.01)
+    # the trigger would fail at 3, but step 2 already left the budget: the search stops there and
+    # keeps step 1, the least success within the budget (the digits replica's case, where pruning
+    # to the failure cost 12 points of clean accuracy)
+    curve = _curve((0.97, 1, 1), (0.965, 0.6, 0.6), (0.95, 0.3, 0.3), (0.85, 0.0, 0.0))
+    assert _searched(method, curve) == (curve[:3], 1)
+    # nothing helps within the budget: nothing is pruned
+    curve = _curve((0.97, 1, 1), (0.9, 0.0, 0.0))
+    assert _searched(method, curve) == (curve, 0)
 
 
 def test_neuron_pruning_rules_of_the_paper_and_of_gross_success():
@@ -105,6 +117,8 @@ class LastUnitsFirst(PruningSearch):
     step_fraction: float = 0.1
     fine_tune_epochs: int = 0
     lr: float = 1e-3
+    accuracy_budget: float = 0.01
+    lr_factors: tuple[float, ...] = (1.0, 0.25)
     batch_size: int = 32
     max_images: int = 300
     seed: int = 0
@@ -141,8 +155,8 @@ def test_search_prunes_in_the_ranking_order_and_bakes_what_it_keeps(model, data,
 
 
 def test_search_fine_tunes_with_the_kept_units_held_off(model, data, backdoor):
-    result = LastUnitsFirst(fine_tune_epochs=1).apply(model, backdoor, data)
-    assert len(result.training_loss) == 1
+    result = LastUnitsFirst(fine_tune_epochs=1, accuracy_budget=0.5).apply(model, backdoor, data)
+    assert len(result.training_loss) >= 1 and result.fine_tuning is not None
     acts = unit_activations(result.classifier, data.x, "conv2_relu")
     assert torch.all(acts[:, list(result.pruning.pruned_units)] == 0)
 

@@ -54,8 +54,9 @@ def test_mitigate_reads_the_float_triggers_not_the_pictures(scanned, saved_model
         ["mitigate", str(saved_models["badnets"]), "--scan", str(out), "--data", "digits", "--method", "unlearn",
          "--epochs", "1", "--out", str(fixed)],
     )  # fmt: skip
-    assert run.exit_code == 0, run.output
-    assert json.loads((fixed / "mitigation.json").read_text())["method"] == "unlearn"
+    summary = json.loads((fixed / "mitigation.json").read_text())
+    assert summary["method"] == "unlearn"
+    assert run.exit_code == (0 if summary["within_budget"] else 3), run.output
 
 
 def test_an_old_scan_folder_still_works_with_a_note(planted_scan_dir, digits_trigger):

@@ -4,6 +4,7 @@ become exit codes (a contract scripts and CI gates rely on):
     0   success; for ``scan``: no backdoor found
     1   ``scan``: backdoor found (``filter``: inputs flagged) -- and nothing else
     2   usage or input error, or any other failure (one line on stderr; ``--debug`` shows tracebacks)
+    3   ``mitigate``: the repair is not within its budget (``within_budget: false`` in mitigation.json)
     130 interrupted (Ctrl-C); 143 terminated (SIGTERM). A scan resumes when rerun.
 """
 
@@ -33,7 +34,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-EXIT_CLEAN, EXIT_BACKDOOR, EXIT_INPUT = 0, 1, 2
+EXIT_CLEAN, EXIT_BACKDOOR, EXIT_INPUT, EXIT_NOT_REPAIRED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 _state = {"debug": False}
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from deepdot.cli.app import EXIT_BACKDOOR, EXIT_CLEAN, app, console, handle_errors
+from deepdot.cli.app import EXIT_BACKDOOR, EXIT_CLEAN, EXIT_NOT_REPAIRED, app, console, handle_errors
 from deepdot.cli.common import (
     AllowCodeOpt,
     DataOpt,
@@ -71,8 +71,16 @@ def mitigate_command(
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Fine-tuning Adam learning rate.")] = None,
     max_accuracy_drop: Annotated[
-        float, typer.Option(help="auto: the largest clean-accuracy drop accepted (0.01 = 1 point).")
+        float,
+        typer.Option(
+            help="The most clean accuracy a repair may cost (0.01 = 1 point): every method keeps within it, "
+            "and auto chooses under it."
+        ),
     ] = 0.01,
+    max_attack_success: Annotated[
+        float,
+        typer.Option(help="A repair must leave the recovered triggers at most this attack success (held-out data)."),
+    ] = 0.05,
     trigger: Annotated[
         Path | None,
         typer.Option(
@@ -93,14 +101,19 @@ def mitigate_command(
     model in the input's format (model.safetensors + model.json, model.h5, model.onnx, model.pt …,
     with model.json holding its preprocessing) and mitigation.json to OUT; the filter method also
     writes filter.json (use it with `deepdot filter OUT --data ...`).
+
+    Exit code 0: repaired within the budget (--max-accuracy-drop, --max-attack-success, on the
+    held-out data); 3: not within it (the best model found is still written, and mitigation.json
+    says "within_budget": false); 2: usage or input error.
     """
-    from deepdot.io.files import ensure_dir, write_json
-    from deepdot.io.save_as import check_save_as, save_model_as
-    from deepdot.mitigate import build_mitigation, method_names, repair, runnable
-    from deepdot.report.console import print_mitigation
+    from deepdot.io.files import ensure_dir
+    from deepdot.io.save_as import check_save_as
+    from deepdot.mitigate import RepairBudget, repair
 
     if not 0 < fpr < 1:
         raise DeepdotError(f"--fpr must be between 0 and 1, got {fpr}")
+    if not 0 <= max_accuracy_drop < 1 or not 0 <= max_attack_success < 1:
+        raise DeepdotError("--max-accuracy-drop and --max-attack-success must be in [0, 1)")
     planted_given = _planted_spec(trigger, target, all_to_all)
     ensure_dir(out)
     classifier = load_model_arg(model, preprocess, arch, allow_code)
@@ -110,16 +123,10 @@ def mitigate_command(
     if save_format.note:
         console.print(save_format.note)
     repair_set, held_out = (fit_to(d, classifier) for d in train_and_test(data, test_data, holdout, seed))
-    wanted = {
-        n: build_mitigation(n, layer=layer, epochs=epochs, lr=lr, false_positive_rate=fpr, seed=seed)
-        for n in method_names(method.value)
-    }
-    try:
-        mitigations, skipped = runnable(classifier, repair_set, wanted, skip=method is Method.auto)
-    except DeepdotError as exc:
-        raise DeepdotError(f"{model}: {exc}") from exc
-    for name, problem in skipped.items():
-        console.print(f"skipping {name}: {problem}", soft_wrap=True, markup=False)
+    overrides = {"layer": layer, "epochs": epochs, "lr": lr, "false_positive_rate": fpr, "seed": seed}
+    mitigations = _runnable(
+        method, model, classifier, repair_set, {**overrides, "max_accuracy_drop": max_accuracy_drop}
+    )
     console.print(
         f"mitigating label(s) {', '.join(map(str, mitigated))} of {model} with {method.value}: "
         f"{len(repair_set)} clean images for repair, {len(held_out)} held out for measuring",
@@ -134,10 +141,36 @@ def mitigate_command(
             method=method.value,
             mitigations=mitigations,
             planted=planted,
-            max_accuracy_drop=max_accuracy_drop,
+            budget=RepairBudget(max_accuracy_drop, max_attack_success),
             seed=seed,
             progress=bars,
         )
+    _write(report, model, scan, out, save_format)
+    if not report.within_budget:
+        raise typer.Exit(EXIT_NOT_REPAIRED)
+
+
+def _runnable(method: Method, model: Path, classifier: Any, repair_set: Any, overrides: dict[str, Any]) -> Any:
+    """The mitigations ``--method`` names, built with the command line's ``overrides``, that can
+    run on ``classifier`` (for auto, the others are skipped with a note)."""
+    from deepdot.mitigate import build_mitigation, method_names, runnable
+
+    wanted = {n: build_mitigation(n, **overrides) for n in method_names(method.value)}
+    try:
+        mitigations, skipped = runnable(classifier, repair_set, wanted, skip=method is Method.auto)
+    except DeepdotError as exc:
+        raise DeepdotError(f"{model}: {exc}") from exc
+    for name, problem in skipped.items():
+        console.print(f"skipping {name}: {problem}", soft_wrap=True, markup=False)
+    return mitigations
+
+
+def _write(report: Any, model: Path, scan: Path, out: Path, save_format: Any) -> None:
+    """Write the repaired model (and filter.json) and mitigation.json to ``out``; print the figures."""
+    from deepdot.io.files import write_json
+    from deepdot.io.save_as import save_model_as
+    from deepdot.report.console import print_mitigation
+
     summary = {**report.to_dict(), "model": str(model), "scan": str(scan_json_path(scan))}
     paths = save_model_as(report.result.classifier, model, out, fmt=save_format)
     if report.result.input_filter is not None:

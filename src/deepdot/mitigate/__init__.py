@@ -19,7 +19,7 @@ from deepdot.mitigate.evaluation import (
 )
 from deepdot.mitigate.filter import InputFilter, TriggerFilter
 from deepdot.mitigate.fine_pruning import FinePruning, FineTuning
-from deepdot.mitigate.pipeline import AUTO, RepairReport, method_names, repair, runnable
+from deepdot.mitigate.pipeline import AUTO, RepairBudget, RepairReport, method_names, repair, runnable
 from deepdot.mitigate.prune import NeuronPruning
 from deepdot.mitigate.registry import AUTO_METHODS, METHODS, build_mitigation
 from deepdot.mitigate.result import MitigationResult, PruningOutcome, PruningStep
@@ -36,6 +36,7 @@ __all__ = [
     "build_mitigation",
     "method_names",
     "repair",
+    "RepairBudget",
     "runnable",
     "FilterFigures",
     "Figures",

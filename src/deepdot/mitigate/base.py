@@ -20,7 +20,7 @@ import torch
 from deepdot.data import ImageData
 from deepdot.errors import DeepdotError
 from deepdot.metrics import attack_success_rate
-from deepdot.mitigate.result import MitigationResult, PruningOutcome
+from deepdot.mitigate.result import GuardedTraining, MitigationResult, PruningOutcome
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn, no_progress
 from deepdot.results import Backdoor, LabelTrigger, ScanResult
@@ -50,6 +50,14 @@ def check_pruning_search(
         raise MitigationError(f"{method} needs fine_tune_epochs >= 0, batch size >= 1 and a positive learning rate")
     if max_images < 10:
         raise MitigationError(f"max_images must be at least 10, got {max_images}")
+
+
+def check_budget(accuracy_budget: float, lr_factors: Sequence[float] = (1.0,)) -> None:
+    """Validate the accuracy budget and learning-rate factors every training mitigation has."""
+    if not 0 <= accuracy_budget < 1:
+        raise MitigationError(f"the accuracy budget must be in [0, 1), got {accuracy_budget}")
+    if not lr_factors or any(f <= 0 for f in lr_factors):
+        raise MitigationError(f"lr_factors must be positive numbers, got {list(lr_factors)}")
 
 
 #: a trigger recovered by a scan and the label it sends images to (the one :class:`Backdoor` value)
@@ -152,12 +160,14 @@ class Repaired:
         pruning: for pruning methods, what was pruned and the pruning curve.
         input_filter: for the input filter, the calibrated filter.
         training_loss: per-epoch loss of any fine-tuning.
+        fine_tuning: how that fine-tuning went under the accuracy budget.
     """
 
     classifier: Classifier
     pruning: PruningOutcome | None = None
     input_filter: TriggerFilter | None = None
     training_loss: tuple[float, ...] = ()
+    fine_tuning: GuardedTraining | None = None
 
 
 class Mitigation(ABC):
@@ -221,6 +231,7 @@ class Mitigation(ABC):
             pruning=repaired.pruning,
             input_filter=repaired.input_filter,
             training_loss=repaired.training_loss,
+            fine_tuning=repaired.fine_tuning,
         )
 
     def check(self, classifier: Classifier, clean_data: ImageData) -> None:

@@ -55,6 +55,11 @@ class NeuronPruning(PruningSearch):
             failed only when both fail. ``None``: the recovered trigger alone. On the GTSRB
             replica, stopping at 1 %, the soft trigger failed at 27 channels (planted 2.1 %),
             the hardened one at 28 (1.2 %; benchmarks/RESULTS.md).
+        accuracy_budget: the most clean accuracy the pruning may cost, on the clean data, ever
+            (0.01 = one point; ``deepdot mitigate --max-accuracy-drop``): the search stops when a
+            step leaves it, and when the recovered trigger never failed within it, the step with
+            the least recovered attack success within it is kept (possibly none).
+        lr_factors: the learning rates tried in turn by any fine-tuning, as multiples of ``lr``.
         max_fraction: never prune more than this share of the layer.
         step_fraction: share of the layer pruned per step (at least one unit).
         fine_tune_epochs: after pruning, fine-tune this many epochs on the clean data with the
@@ -69,6 +74,8 @@ class NeuronPruning(PruningSearch):
     layer: str = "last_conv"
     target_attack_success: float = 0.001
     max_accuracy_drop: float | None = 0.005
+    accuracy_budget: float = 0.01
+    lr_factors: tuple[float, ...] = (1.0, 0.25)
     net_of_errors: bool = True
     harden_threshold: float | None = 0.1
     max_fraction: float = 0.5
@@ -96,16 +103,22 @@ class NeuronPruning(PruningSearch):
         """Decreasing activation gap between triggered and clean images: what the trigger excites most first."""
         return rank_by_trigger(classifier, layer, backdoors, data)
 
+    def _success(self, point: PruningStep) -> float:
+        return point.net_attack_success_rate if self.net_of_errors else point.attack_success_rate
+
     def _failed(self, curve: Curve) -> PruningStep | None:
         """The first pruned point at which the recovered trigger(s) failed, if any."""
-        for point in curve[1:]:
-            success = point.net_attack_success_rate if self.net_of_errors else point.attack_success_rate
-            if success <= self.target_attack_success:
-                return point
-        return None
+        return next((p for p in curve[1:] if self._success(p) <= self.target_attack_success), None)
+
+    def _within(self, curve: Curve) -> list[PruningStep]:
+        """The points of ``curve`` within the accuracy budget (the unpruned point always is)."""
+        return [p for p in curve if p.clean_accuracy >= curve[0].clean_accuracy - self.accuracy_budget - 1e-12]
 
     def _stop(self, curve: Curve) -> bool:
-        """Once the trigger has failed: at once (no accuracy margin), else when accuracy leaves the margin."""
+        """When a step leaves the budget; or once the trigger has failed: at once (no accuracy
+        margin), else when accuracy leaves the margin."""
+        if curve[-1].clean_accuracy < curve[0].clean_accuracy - self.accuracy_budget - 1e-12:
+            return True
         if self._failed(curve) is None:
             return False
         return (
@@ -114,11 +127,15 @@ class NeuronPruning(PruningSearch):
         )
 
     def _keep(self, curve: Curve) -> int:
-        """The last step from the failure on that kept accuracy within the margin (the failure
-        itself if none did); everything searched if the trigger never failed."""
-        failed = self._failed(curve)
-        if failed is None or self.max_accuracy_drop is None:
-            return curve[-1].pruned
+        """Within the budget: the last step from the failure on that kept accuracy within the
+        margin (the failure itself if none did); if the trigger never failed within the budget,
+        the step with the least recovered success (the earliest of equals)."""
+        within = self._within(curve)
+        failed = self._failed(within)
+        if failed is None:
+            return min(within, key=lambda p: (self._success(p), p.pruned)).pruned
+        if self.max_accuracy_drop is None:
+            return failed.pruned
         floor = curve[0].clean_accuracy - self.max_accuracy_drop
-        margin = [p for p in curve if p.pruned >= failed.pruned and p.clean_accuracy >= floor]
+        margin = [p for p in within if p.pruned >= failed.pruned and p.clean_accuracy >= floor]
         return margin[-1].pruned if margin else failed.pruned

@@ -36,12 +36,15 @@ def build_mitigation(
     epochs: int | None = None,
     lr: float | None = None,
     false_positive_rate: float | None = None,
+    max_accuracy_drop: float | None = None,
     seed: int | None = None,
 ) -> Mitigation:
     """The mitigation called ``name`` with the given overrides; ``None`` keeps a default, and an
     override a method has no setting for is ignored (``lr`` for the filter, ``layer`` for
     unlearning). ``epochs`` is the fine-tuning a method does: ``epochs`` for unlearning and
-    fine-tuning, ``fine_tune_epochs`` for the pruning methods.
+    fine-tuning, ``fine_tune_epochs`` for the pruning methods. ``max_accuracy_drop`` is every
+    model-changing method's ``accuracy_budget`` (``deepdot mitigate --max-accuracy-drop``; the
+    pruning methods' own ``max_accuracy_drop`` is a search margin, left at its default).
 
     Raises:
         MitigationError: an unknown name, or a value the method refuses.
@@ -55,6 +58,7 @@ def build_mitigation(
         "fine_tune_epochs" if "fine_tune_epochs" in names else "epochs": epochs,
         "lr": lr,
         "false_positive_rate": false_positive_rate,
+        "accuracy_budget": max_accuracy_drop,
         "seed": seed,
     }
     return cls(**{k: v for k, v in wanted.items() if v is not None and k in names})

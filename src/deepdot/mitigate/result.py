@@ -66,6 +66,49 @@ class PruningOutcome:
 
 
 @dataclass(frozen=True)
+class GuardPoint:
+    """The model after ``epochs`` epochs of fine-tuning at learning rate ``lr`` (0 epochs: before
+    training), measured on the check part of the clean data (not trained on)."""
+
+    epochs: int
+    lr: float
+    clean_accuracy: float
+    attack_success_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "clean_accuracy": self.clean_accuracy,
+            "attack_success_rate": self.attack_success_rate,
+        }
+
+
+@dataclass(frozen=True)
+class GuardedTraining:
+    """Fine-tuning under an accuracy budget (:func:`~deepdot.mitigate.guard.train_within_budget`).
+
+    Attributes:
+        loss: per-epoch training loss of every epoch run, all learning rates tried.
+        points: every point measured on the check part, in order.
+        kept: the point whose weights the model holds (the best within the budget).
+        within_budget: whether ``kept`` is within the accuracy budget.
+    """
+
+    loss: tuple[float, ...]
+    points: tuple[GuardPoint, ...]
+    kept: GuardPoint
+    within_budget: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "points": [p.to_dict() for p in self.points],
+            "kept": self.kept.to_dict(),
+            "within_budget": self.within_budget,
+        }
+
+
+@dataclass(frozen=True)
 class MitigationResult:
     """What a mitigation produced.
 
@@ -79,6 +122,8 @@ class MitigationResult:
         pruning: for pruning methods, what was pruned and the pruning curve.
         input_filter: for ``filter``, the calibrated filter.
         training_loss: per-epoch loss of any fine-tuning.
+        fine_tuning: how any fine-tuning went under the accuracy budget (each epoch on the
+            check part, and the one kept).
     """
 
     method: str
@@ -89,6 +134,7 @@ class MitigationResult:
     pruning: PruningOutcome | None = None
     input_filter: TriggerFilter | None = None
     training_loss: tuple[float, ...] = ()
+    fine_tuning: GuardedTraining | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -103,6 +149,8 @@ class MitigationResult:
             out["filter"] = self.input_filter.to_dict()
         if self.training_loss:
             out["training_loss"] = list(self.training_loss)
+        if self.fine_tuning is not None:
+            out["fine_tuning"] = self.fine_tuning.to_dict()
         return out
 
 

@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from deepdot.data import ImageData
-from deepdot.metrics import attack_success_rate
-from deepdot.mitigate.base import Mitigation, RecoveredBackdoor, Repaired, check_pruning_search
+from deepdot.metrics import attack_success_rate, clean_accuracy
+from deepdot.mitigate.base import Mitigation, RecoveredBackdoor, Repaired, check_budget, check_pruning_search
+from deepdot.mitigate.guard import train_within_budget
 from deepdot.mitigate.layers import bake_pruning, check_bakeable, resolve_layer, units_off
-from deepdot.mitigate.result import PruningOutcome, PruningStep
+from deepdot.mitigate.result import GuardedTraining, PruningOutcome, PruningStep
 from deepdot.models import Classifier
 from deepdot.progress import ProgressEvent, ProgressFn, no_progress
-from deepdot.training import TrainConfig, train
+from deepdot.training import TrainConfig
 
 #: a pruning curve so far: the unpruned point first, then one point per step
 Curve = Sequence[PruningStep]
@@ -86,26 +87,53 @@ def prune_until(
     return tuple(curve)
 
 
+#: the fine-tuning after a pruning search may stop once the recovered triggers succeed on at most
+#: this share of the held-out images
+FINE_TUNE_TARGET = 0.01
+
+#: share of the clean data held out from the fine-tuning after a pruning search, to judge its epochs
+CHECK_FRACTION = 0.1
+
+
 def fine_tune_pruned(
     classifier: Classifier,
     layer: str,
     pruned: Sequence[int],
     clean_data: ImageData,
     config: TrainConfig,
+    backdoors: Sequence[RecoveredBackdoor],
+    *,
+    accuracy_budget: float,
+    lr_factors: Sequence[float],
+    target_attack_success: float,
     progress: ProgressFn = no_progress,
-) -> tuple[float, ...]:
+) -> GuardedTraining:
     """Fine-tune on clean data with the ``pruned`` units of ``layer`` held off (their gradients
-    are zero, so they stay dead); returns the per-epoch loss (Fine-Pruning, Sec. 4.3)."""
+    are zero, so they stay dead; Fine-Pruning, Sec. 4.3), under the accuracy budget counted from
+    the *unpruned* model (:func:`~deepdot.mitigate.guard.train_within_budget`)."""
+    train_part, check = clean_data.split(CHECK_FRACTION, seed=config.seed)
+    reference = clean_accuracy(classifier, check)
     with units_off(classifier, layer, pruned):
-        return tuple(train(classifier, clean_data, config, progress=progress).loss)
+        return train_within_budget(
+            classifier,
+            train_part,
+            check,
+            config,
+            backdoors,
+            max_accuracy_drop=accuracy_budget,
+            target_attack_success=target_attack_success,
+            lr_factors=lr_factors,
+            reference_accuracy=reference,
+            progress=progress,
+        )
 
 
 class PruningSearch(Mitigation):
     """Base of the mitigations that prune a layer's units in a ranked order.
 
     The subclass is a frozen dataclass holding the settings read here (``layer``,
-    ``max_fraction``, ``step_fraction``, ``fine_tune_epochs``, ``lr``, ``batch_size``,
-    ``max_images``, ``seed``) and implements :meth:`_rank`, :meth:`_stop` and :meth:`_keep` (and
+    ``max_fraction``, ``step_fraction``, ``fine_tune_epochs``, ``lr``, ``accuracy_budget``,
+    ``lr_factors``, ``batch_size``, ``max_images``, ``seed``) and implements :meth:`_rank`, :meth:`_stop` and :meth:`_keep` (and
     :meth:`_checked` to measure with other backdoors than the recovered ones). The search ranks and
     measures on at most ``max_images`` clean images and reports progress as stage :attr:`method`.
     """
@@ -115,6 +143,8 @@ class PruningSearch(Mitigation):
     step_fraction: float
     fine_tune_epochs: int
     lr: float
+    accuracy_budget: float
+    lr_factors: tuple[float, ...]
     batch_size: int
     max_images: int
     seed: int
@@ -130,6 +160,7 @@ class PruningSearch(Mitigation):
             lr=self.lr,
             max_images=self.max_images,
         )
+        check_budget(self.accuracy_budget, self.lr_factors)
 
     def check(self, classifier: Classifier, clean_data: ImageData) -> None:
         """The layer resolves, can be hooked, and its pruning can be baked into the weights (tried
@@ -182,13 +213,25 @@ class PruningSearch(Mitigation):
             stage=self.method,
         )
         pruned = tuple(int(u) for u in order[: self._keep(curve)])
-        loss: tuple[float, ...] = ()
+        guarded = None
         if self.fine_tune_epochs:
             config = TrainConfig(epochs=self.fine_tune_epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
-            loss = fine_tune_pruned(classifier, layer, pruned, clean_data, config, progress)
+            guarded = fine_tune_pruned(
+                classifier,
+                layer,
+                pruned,
+                clean_data,
+                config,
+                checked,
+                accuracy_budget=self.accuracy_budget,
+                lr_factors=self.lr_factors,
+                target_attack_success=FINE_TUNE_TARGET,
+                progress=progress,
+            )
         bake_pruning(classifier, layer, pruned, data.x[:64])
         return Repaired(
             classifier,
             pruning=PruningOutcome(layer=layer, units=units, pruned_units=pruned, curve=curve),
-            training_loss=loss,
+            training_loss=guarded.loss if guarded else (),
+            fine_tuning=guarded,
         )

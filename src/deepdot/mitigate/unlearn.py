@@ -17,13 +17,14 @@ from deepdot.mitigate.base import (
     MitigationError,
     RecoveredBackdoor,
     Repaired,
-    recovered_success,
+    check_budget,
     stamp_random,
     with_hardened,
 )
+from deepdot.mitigate.guard import train_within_budget
 from deepdot.models import Classifier
 from deepdot.progress import ProgressFn
-from deepdot.training import TrainConfig, train
+from deepdot.training import TrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,12 +36,19 @@ class Unlearning(Mitigation):
     1.7 %; a third epoch on the latter cost 2.4 points of clean accuracy, as the model starts to
     overfit the small clean set). So by default training stops after the first epoch at which the
     recovered trigger, soft and hardened (:meth:`Trigger.hardened`), succeeds on at most
-    ``target_attack_success`` of a held-out share of the clean data.
+    ``target_attack_success`` of a held-out share of the clean data. Training never keeps an
+    epoch that cost more than ``accuracy_budget`` of clean accuracy on that share: it keeps the
+    best epoch within the budget, and when the learning rate gets nowhere within it, tries again
+    from the start at ``lr_factors`` times the rate (:func:`~deepdot.mitigate.guard.train_within_budget`).
 
     Args:
         epochs: most passes over the clean data (1 in the paper).
         target_attack_success: stop once the recovered triggers succeed on at most this share of
-            the held-out images; ``None``: always train ``epochs`` epochs on all the clean data.
+            the held-out images; ``None``: always train ``epochs`` epochs (and keep the best epoch
+            within the budget).
+        accuracy_budget: the most clean accuracy (on the held-out share) an epoch may cost to be
+            kept (0.01 = one point; ``deepdot mitigate --max-accuracy-drop``).
+        lr_factors: the learning rates tried in turn, as multiples of ``lr``.
         harden_threshold: the stop check also stamps each recovered trigger at full strength
             where its mask is at least this (``None``: the soft trigger only).
         check_fraction: share of the clean data held out (not trained on) for the stop check.
@@ -60,6 +68,8 @@ class Unlearning(Mitigation):
 
     epochs: int = 3
     target_attack_success: float | None = 0.01
+    accuracy_budget: float = 0.01
+    lr_factors: tuple[float, ...] = (1.0, 0.25)
     harden_threshold: float | None = 0.1
     check_fraction: float = 0.1
     stamp_hardened: bool = True
@@ -79,6 +89,7 @@ class Unlearning(Mitigation):
             raise MitigationError(f"check_fraction must be in (0, 1), got {self.check_fraction}")
         if self.harden_threshold is not None and not 0 < self.harden_threshold <= 1:
             raise MitigationError(f"harden_threshold must be in (0, 1], got {self.harden_threshold}")
+        check_budget(self.accuracy_budget, self.lr_factors)
 
     def _run(
         self,
@@ -95,16 +106,18 @@ class Unlearning(Mitigation):
             return stamped, y  # true labels: the trigger must stop mattering
 
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
-        target = self.target_attack_success
-        if target is None or self.epochs == 1:
-            history = train(classifier, clean_data, config, batch_transform=with_trigger, progress=progress)
-            return Repaired(classifier, training_loss=tuple(history.loss))
         train_part, check = clean_data.split(self.check_fraction, seed=self.seed)
-
-        def unlearned(_epochs: int) -> bool:
-            return recovered_success(classifier, check, backdoors, self.harden_threshold) <= target
-
-        history = train(
-            classifier, train_part, config, batch_transform=with_trigger, after_epoch=unlearned, progress=progress
+        guarded = train_within_budget(
+            classifier,
+            train_part,
+            check,
+            config,
+            backdoors,
+            max_accuracy_drop=self.accuracy_budget,
+            target_attack_success=-1.0 if self.target_attack_success is None else self.target_attack_success,
+            lr_factors=self.lr_factors,
+            harden=self.harden_threshold,
+            batch_transform=with_trigger,
+            progress=progress,
         )
-        return Repaired(classifier, training_loss=tuple(history.loss))
+        return Repaired(classifier, training_loss=guarded.loss, fine_tuning=guarded)

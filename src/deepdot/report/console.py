@@ -155,6 +155,19 @@ def print_mitigation(console: Console, report: RepairReport) -> None:
     if pruning is not None:
         table.add_row(f"pruned units of {escape(pruning.layer)}", "", f"{len(pruning.pruned_units)} of {pruning.units}")
     console.print(table)
+    budget = report.budget
+    if report.filter is not None:
+        cost = f"rejecting at most {budget.max_accuracy_drop:g} more clean images than it was calibrated for"
+    else:
+        cost = f"losing at most {budget.max_accuracy_drop:g} of clean accuracy"
+    goal = f"recovered attack success at most {budget.max_attack_success:g}, {cost}, on the held-out data"
+    if report.within_budget:
+        console.print(f"within budget: {goal}", markup=False)
+    else:
+        console.print(
+            f"NOT within budget ({goal}): the model written is the best found, not a repair (exit code 3)",
+            markup=False,
+        )
     if report.auto is not None:
         chosen = "kept" if report.auto.within_budget else "no method kept clean accuracy within the margin; kept"
         console.print(
