@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from deepdot.attacks.registry import ATTACKS
 from deepdot.cli.app import app, console, handle_errors
 from deepdot.cli.common import (
     AllowCodeOpt,
@@ -47,6 +48,10 @@ class TriggerType(str, Enum):
     image = "image"
     blended = "blended"
     pixels = "pixels"
+
+
+# the choices of attack --method: the attack registry's names
+AttackMethod = Enum("AttackMethod", {name.replace("-", "_"): name for name in ATTACKS}, type=str)  # type: ignore[misc]
 
 
 def build_trigger(
@@ -170,6 +175,13 @@ def train_command(
 @handle_errors
 def attack_command(
     data: DataOpt = "digits",
+    method: Annotated[
+        AttackMethod,
+        typer.Option(
+            help="badnets (stamp --trigger-*), trojan (trigger optimised on chosen neurons), xiong-reconstructed / "
+            "xiong-random (Xiong et al.'s Neural-Cleanse-evading attacks), pruning-aware (survives pruning)."
+        ),
+    ] = AttackMethod.badnets,
     out: OutOpt = Path("deepdot-out/badnets"),
     target: Annotated[int, typer.Option(help="Attacker's label (all-to-one).")] = 7,
     all_to_all: Annotated[
@@ -194,6 +206,23 @@ def attack_command(
         float | None, typer.Option(help="Opacity: blended (default 0.1) or image (default 1).")
     ] = None,
     trigger_pixels: Annotated[int, typer.Option(help="Number of pixels of a 'pixels' trigger.")] = 16,
+    sampling_rate: Annotated[
+        float | None, typer.Option(help="xiong-*: share of mask pixels a noise-augmented image keeps (alpha; 0.6).")
+    ] = None,
+    augment_fraction: Annotated[
+        float | None, typer.Option(help="xiong-*: share of training images noise-augmented (Sn; 1.0).")
+    ] = None,
+    mask_pixels: Annotated[int | None, typer.Option(help="xiong-random: random trigger pixels (z; 36).")] = None,
+    clean_model: Annotated[
+        Path | None, typer.Option(help="xiong-reconstructed: clean model to reverse-engineer on (default: train one).")
+    ] = None,
+    retrain: Annotated[
+        str | None, typer.Option(help="trojan: retrain the layers 'after' the chosen one (paper) or 'all'.")
+    ] = None,
+    prune_fraction: Annotated[
+        float | None,
+        typer.Option(help="pruning-aware: share of last-conv channels pruned (default: to a 5-point drop)."),
+    ] = None,
     arch: TrainArchOpt = None,
     test_data: TestDataOpt = None,
     holdout: HoldoutOpt = 0.2,
@@ -204,17 +233,20 @@ def attack_command(
     preprocess: PreprocessOpt = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Train a BadNets-backdoored model; writes MODEL, trigger.npz (+ PNGs) and attack.json."""
-    from deepdot.attacks import BadNets
+    """Train a backdoored model (--method, default BadNets); writes MODEL, trigger.npz (+ PNGs) and attack.json."""
+    from deepdot.attacks import build_attack
+    from deepdot.attacks.registry import GIVEN_TRIGGER
     from deepdot.io.files import ensure_dir, save_trigger, write_json
     from deepdot.io.models import save_model
     from deepdot.metrics import ALL_TO_ALL
     from deepdot.report.console import print_figures
     from deepdot.training import TrainConfig
 
+    if clean_model is not None and method is not AttackMethod.xiong_reconstructed:
+        raise DeepdotError("--clean-model is for --method xiong-reconstructed")
     ensure_dir(out)
     train_set, test_set = train_and_test(data, test_data, holdout, seed)
-    planted = build_trigger(
+    given = build_trigger(
         train_set.image_shape,
         trigger_file=trigger,
         kind=trigger_type,
@@ -228,32 +260,43 @@ def attack_command(
         pixels=trigger_pixels,
         seed=seed,
     )
+    attack = build_attack(
+        method.value,
+        target=ALL_TO_ALL if all_to_all else target,
+        trigger=given,
+        poison_rate=poison_rate,
+        seed=seed,
+        sampling_rate=sampling_rate,
+        augment_fraction=augment_fraction,
+        mask_pixels=mask_pixels,
+        retrain=retrain,
+        prune_fraction=prune_fraction,
+        pretrain=True,  # trojan: the attacker starts from a trained model
+    )
     arch, model = fresh_model(arch, data, train_set, preprocess, seed)
-    attack = BadNets(trigger=planted, target=ALL_TO_ALL if all_to_all else target, poison_rate=poison_rate, seed=seed)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, seed=seed)
+    extra = {"clean_model": load_model_arg(clean_model, preprocess)} if clean_model is not None else {}
     with progress_bars() as bars:
-        result = attack.run(model, train_set, test_set, config, progress=bars)
+        result = attack.run(model, train_set, test_set, config, progress=bars, **extra)
+    planted = result.trigger if result.trigger is not None else given
+    kind = (trigger_type.value if trigger is None else str(trigger)) if method.value in GIVEN_TRIGGER else method.value
     summary = {
         **result.to_dict(),
+        "method": method.value,
         "architecture": arch,
         "poison_rate": poison_rate,
         "train_data": train_set.name,
         "test_data": test_set.name,
         "epochs": epochs,
         "seed": seed,
-        "trigger": {"type": trigger_type.value if trigger is None else str(trigger), "mask_l1": planted.mask_l1},
+        "trigger": {"type": kind, "mask_l1": planted.mask_l1},
     }
     if all_to_all:
         summary["target"] = "all-to-all"
     weights = save_model(model, out)
-    paths = [
-        weights,
-        weights.with_suffix(".json"),
-        save_trigger(planted, out / "trigger.npz"),
-        save_trigger(planted, out / "trigger"),
-    ]
-    paths.append(write_json(out / "attack.json", summary))
-    print_figures(console, f"Backdoored model ({arch}, BadNets)", summary)
+    paths = [weights, weights.with_suffix(".json"), save_trigger(planted, out / "trigger.npz")]
+    paths += [save_trigger(planted, out / "trigger"), write_json(out / "attack.json", summary)]
+    print_figures(console, f"Backdoored model ({arch}, {method.value})", summary)
     report_written(paths)
 
 
