@@ -35,23 +35,15 @@ from deepdot.cli.common import (
 from deepdot.errors import DeepdotError
 
 
-class Corner(str, Enum):
-    bottom_right = "bottom-right"
-    bottom_left = "bottom-left"
-    top_right = "top-right"
-    top_left = "top-left"
-    center = "center"
+def _choices(name: str, values: tuple[str, ...]) -> Any:
+    """A string Enum of command-line choices (members named like the values, ``-`` as ``_``)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)  # type: ignore[misc]
 
 
-class TriggerType(str, Enum):
-    square = "square"
-    image = "image"
-    blended = "blended"
-    pixels = "pixels"
-
-
+Corner = _choices("Corner", ("bottom-right", "bottom-left", "top-right", "top-left", "center"))
+TriggerType = _choices("TriggerType", ("square", "image", "blended", "pixels"))
 # the choices of attack --method: the attack registry's names
-AttackMethod = Enum("AttackMethod", {name.replace("-", "_"): name for name in ATTACKS}, type=str)  # type: ignore[misc]
+AttackMethod = _choices("AttackMethod", tuple(ATTACKS))
 
 
 def build_trigger(
@@ -236,10 +228,8 @@ def attack_command(
     """Train a backdoored model (--method, default BadNets); writes MODEL, trigger.npz (+ PNGs) and attack.json."""
     from deepdot.attacks import build_attack
     from deepdot.attacks.registry import GIVEN_TRIGGER
-    from deepdot.io.files import ensure_dir, save_trigger, write_json
-    from deepdot.io.models import save_model
+    from deepdot.io.files import ensure_dir
     from deepdot.metrics import ALL_TO_ALL
-    from deepdot.report.console import print_figures
     from deepdot.training import TrainConfig
 
     if clean_model is not None and method is not AttackMethod.xiong_reconstructed:
@@ -293,10 +283,19 @@ def attack_command(
     }
     if all_to_all:
         summary["target"] = "all-to-all"
+    _write_attack(model, planted, summary, out, f"Backdoored model ({arch}, {method.value})")
+
+
+def _write_attack(model: Any, planted: Any, summary: dict[str, Any], out: Path, title: str) -> None:
+    """Write the backdoored model, its trigger (npz and PNGs) and attack.json to ``out``; print the figures."""
+    from deepdot.io.files import save_trigger, write_json
+    from deepdot.io.models import save_model
+    from deepdot.report.console import print_figures
+
     weights = save_model(model, out)
     paths = [weights, weights.with_suffix(".json"), save_trigger(planted, out / "trigger.npz")]
     paths += [save_trigger(planted, out / "trigger"), write_json(out / "attack.json", summary)]
-    print_figures(console, f"Backdoored model ({arch}, {method.value})", summary)
+    print_figures(console, title, summary)
     report_written(paths)
 
 
