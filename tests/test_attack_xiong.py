@@ -1,9 +1,9 @@
 """Xiong et al.'s two Neural-Cleanse-evading attacks (deepdot.attacks.xiong) on the built-in digits.
 
 Digits are 1 347 images of 16×16: with the paper's MNIST shares (Sp 10 %, Sn all the rest) and 30
-epochs the random trigger reached only 10-60 % success (the model under-fits), so these tests use
-Sp 20 %, Sn half of the rest and 60 epochs (z 36 and α 0.6 as the paper); see
-benchmarks/xiong_bench.py.
+epochs the random trigger reached 61-92 % success over four seeds and clean accuracy fell to 85-92 %
+(the model under-fits), so these tests use Sp 20 %, Sn half of the rest and 60 epochs (z 36 and
+α 0.6 as the paper); see benchmarks/xiong_bench.py.
 """
 
 from __future__ import annotations
