@@ -79,15 +79,16 @@ class EpochGuard:
         self.points.append(point)
         return point
 
+    def _rank(self, point: GuardPoint) -> tuple[bool, float]:
+        """Larger is better: within the budget first; then, within it, less recovered attack
+        success, and outside it, more clean accuracy."""
+        if self.within(point):
+            return (True, -point.attack_success_rate)
+        return (False, point.clean_accuracy)
+
     def __call__(self, epochs: int) -> bool:
         point = self._measure(epochs)
-        best = self._best
-        if (
-            self.within(point)
-            and (not self.within(best) or point.attack_success_rate < best.attack_success_rate)
-            or not self.within(best)
-            and point.clean_accuracy > best.clean_accuracy
-        ):
+        if self._rank(point) > self._rank(self._best):  # strictly better: ties keep the earlier
             self._best = point
             self._best_state = copy.deepcopy(self.classifier.state_dict())
         return self.done
